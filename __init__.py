@@ -1,0 +1,16 @@
+"""ComfyUI-Streamline: exact memory-saving slicing, multi-GPU long-video sampling and memory monitoring
+for video diffusion in ComfyUI. Registered through the comfy_api v0.0.2 (v3 schema) entry point."""
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .nodes.memory_monitor import MemoryMonitor
+
+WEB_DIRECTORY = "./web"
+
+
+class StreamlineExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [MemoryMonitor]
+
+
+async def comfy_entrypoint() -> StreamlineExtension:
+    return StreamlineExtension()

@@ -1,0 +1,1 @@
+"""Host-agnostic torch engine of ComfyUI-Streamline: nothing here imports ComfyUI."""

@@ -1,0 +1,74 @@
+"""Fixture nodes for tests and the demo: stand-ins for encoders whose ComfyUI configs are fixed at full
+size (umt5-xxl for Wan, ViT-H CLIP vision for SVD), so stock workflows run on a CPU with tiny models.
+Loaded next to the product by the harness only; never part of a user's install."""
+import hashlib
+import json
+import math
+import tempfile
+
+import torch
+
+import comfy.clip_vision
+
+TINY_CLIP_VISION = {
+    "hidden_act": "gelu", "hidden_size": 64, "image_size": 224, "intermediate_size": 128,
+    "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
+    "num_channels": 3, "num_hidden_layers": 2, "patch_size": 14, "projection_dim": 1024,
+}
+
+
+def _seeded_generator(*parts) -> torch.Generator:
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class TinyCLIPVision:
+    """A CLIP vision model (ComfyUI's own class) with a tiny config, 1024-d projection and seeded weights."""
+    CATEGORY = "Streamline fixtures"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def load(self, seed):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(TINY_CLIP_VISION, f)
+        clip_vision = comfy.clip_vision.ClipVisionModel(f.name)
+        generator = _seeded_generator("clip_vision", seed)
+        with torch.no_grad():
+            for param in clip_vision.model.parameters():
+                values = torch.randn(param.shape, generator=generator)
+                param.copy_(values / math.sqrt(param[0].numel()) if param.dim() >= 2 else 1.0 + 0.05 * values)
+        return (clip_vision,)
+
+
+class TextEmbedding:
+    """Deterministic text conditioning of the width a model's text encoder would give (4096 for Wan's
+    umt5-xxl), seeded by the text itself."""
+    CATEGORY = "Streamline fixtures"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "default": ""}),
+            "tokens": ("INT", {"default": 16, "min": 1, "max": 512}),
+            "width": ("INT", {"default": 4096, "min": 8, "max": 8192}),
+        }}
+
+    def encode(self, text, tokens, width):
+        embedding = torch.randn((1, tokens, width), generator=_seeded_generator("text", text, width))
+        return ([[embedding, {}]],)
+
+
+NODE_CLASS_MAPPINGS = {
+    "StreamlineFixtureTinyCLIPVision": TinyCLIPVision,
+    "StreamlineFixtureTextEmbedding": TextEmbedding,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "StreamlineFixtureTinyCLIPVision": "Tiny CLIP Vision (fixture)",
+    "StreamlineFixtureTextEmbedding": "Text Embedding (fixture)",
+}

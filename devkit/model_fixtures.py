@@ -1,0 +1,156 @@
+"""ComfyUI's real video model classes with tiny or full-size configs and random weights.
+
+Tiny models run on a CPU in seconds and are saved as safetensors that ComfyUI's stock loaders detect
+(ImageOnlyCheckpointLoader for SVD img2vid, UNETLoader and VAELoader for Wan 2.1). Full-size models are
+built on the meta device (no memory) for memory work under fake tensors.
+"""
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from .comfy_env import import_comfyui
+
+# SVD img2vid is only detected with model_channels 320, context_dim 1024, adm_in_channels 768 and this
+# transformer_depth; the tiny config keeps those and the four-level layout but no channel growth.
+_SVD_COMMON = dict(
+    use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=768, in_channels=8, out_channels=4, model_channels=320,
+    num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+    use_linear_in_transformer=True, context_dim=1024, extra_ff_mix_layer=True, use_spatial_context=True,
+    merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+    use_temporal_resblock=True, use_temporal_attention=True, disable_temporal_crossattention=False,
+)
+SVD_CONFIGS = {
+    "tiny": {**_SVD_COMMON, "channel_mult": [1, 1, 1, 1]},
+    "full": {**_SVD_COMMON, "channel_mult": [1, 2, 4, 4]},  # SVD img2vid, 1.52 B parameters
+}
+
+# Wan 2.1 detection fixes num_heads = dim // 128, text_dim 4096 and freq_dim 256.
+_WAN_COMMON = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16,
+                   out_dim=16, freq_dim=256, text_dim=4096, window_size=(-1, -1), qk_norm=True,
+                   cross_attn_norm=True, eps=1e-6)
+WAN_CONFIGS = {
+    "tiny": {**_WAN_COMMON, "dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 2},
+    "1.3B": {**_WAN_COMMON, "dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30},
+    "14B": {**_WAN_COMMON, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
+}
+WAN_VAE_DIMS = {"tiny": 16, "full": 96}
+WAN_TEXT_DIM = 4096
+SVD_CONTEXT_DIM = 1024
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fills every parameter and buffer-free weight with seeded values of a trained-like scale
+    (ComfyUI's ops leave parameters uninitialised)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if param.dim() >= 2:
+                values /= math.sqrt(max(1, param[0].numel()))
+            elif name.endswith("weight") or name.endswith("gamma"):
+                values = 1.0 + 0.05 * values
+            else:
+                values *= 0.05
+            param.copy_(values.to(param.dtype))
+    return module
+
+
+def _build(config_class, unet_config, dtype, device, seed):
+    import comfy.model_management  # noqa: F401  (initialises devices before the model is built)
+
+    model_config = config_class(dict(unet_config))
+    model_config.set_inference_dtype(dtype, None)
+    if device == "meta":
+        with torch.device("meta"):
+            return model_config.get_model({})
+    return randomize_(model_config.get_model({}), seed).to(device)
+
+
+def build_svd(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0):
+    """ComfyUI's SVD img2vid BaseModel (VideoUNet inside `.diffusion_model`)."""
+    import_comfyui()
+    import comfy.supported_models as sm
+    return _build(sm.SVD_img2vid, SVD_CONFIGS[size], dtype, device, seed)
+
+
+def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0):
+    """ComfyUI's Wan 2.1 text-to-video BaseModel (WanModel inside `.diffusion_model`)."""
+    import_comfyui()
+    import comfy.supported_models as sm
+    return _build(sm.WAN21_T2V, WAN_CONFIGS[size], dtype, device, seed)
+
+
+def _vae_from_detection(marker_sd: dict, seed: int):
+    """Lets ComfyUI's own VAE detection build the architecture, then gives it random weights."""
+    import comfy.sd
+    logging.disable(logging.WARNING)  # the marker state dict is incomplete by design: no missing-key noise
+    try:
+        vae = comfy.sd.VAE(sd=marker_sd)
+    finally:
+        logging.disable(logging.NOTSET)
+    randomize_(vae.first_stage_model, seed)
+    return vae
+
+
+def build_svd_vae(seed: int = 0):
+    """SVD's temporal VAE (fixed size in ComfyUI: 83 M parameters)."""
+    import_comfyui()
+    return _vae_from_detection({"decoder.mid.block_1.mix_factor": torch.zeros(1)}, seed)
+
+
+def build_wan_vae(size: str = "tiny", seed: int = 0):
+    import_comfyui()
+    dim = WAN_VAE_DIMS[size]
+    return _vae_from_detection({"decoder.middle.0.residual.0.gamma": torch.ones(4 * dim, 1, 1, 1),
+                                "decoder.head.0.gamma": torch.ones(dim, 1, 1, 1)}, seed)
+
+
+def _save(state_dict: dict, path: Path, dtype) -> Path:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path))
+    return path
+
+
+def save_svd_checkpoint(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0) -> Path:
+    """An SVD img2vid checkpoint (UNet + temporal VAE) for ImageOnlyCheckpointLoader. It carries no CLIP
+    vision weights: ComfyUI's ViT-H config is fixed at full size, so workflows take the fixture pack's
+    tiny CLIP vision instead."""
+    unet = build_svd(size, seed=seed).diffusion_model.state_dict()
+    vae = build_svd_vae(seed + 1).first_stage_model.state_dict()
+    state = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
+    state.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+    return _save(state, Path(path), dtype)
+
+
+def save_wan_diffusion_model(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0) -> Path:
+    """A Wan 2.1 T2V diffusion model for UNETLoader (models/diffusion_models/)."""
+    return _save(build_wan(size, seed=seed).diffusion_model.state_dict(), Path(path), dtype)
+
+
+def save_wan_vae(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0) -> Path:
+    """A Wan 2.1 VAE for VAELoader (models/vae/)."""
+    return _save(build_wan_vae(size, seed).first_stage_model.state_dict(), Path(path), dtype)
+
+
+TINY_FILES = {
+    "checkpoints/streamline_tiny_svd_img2vid.safetensors": save_svd_checkpoint,
+    "diffusion_models/streamline_tiny_wan21_t2v.safetensors": save_wan_diffusion_model,
+    "vae/streamline_tiny_wan21_vae.safetensors": save_wan_vae,
+}
+
+
+def write_tiny_models(models_dir: Path) -> dict:
+    """Writes the tiny fixtures under a ComfyUI models folder; existing files are kept."""
+    written = {}
+    for relative, save in TINY_FILES.items():
+        target = Path(models_dir) / relative
+        if not target.exists():
+            save(target)
+        written[relative] = target
+    return written

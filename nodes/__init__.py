@@ -1,0 +1,1 @@
+"""ComfyUI-facing nodes: validate inputs, call core/, return results."""
