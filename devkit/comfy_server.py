@@ -88,6 +88,10 @@ class ComfyServer:
                 link.symlink_to(target, target_is_directory=True)
         for sub in ("input", "output", "temp", "user", "models"):
             (self.base_dir / sub).mkdir(exist_ok=True)
+        settings = self.base_dir / "user" / "default" / "comfy.settings.json"
+        if not settings.exists():  # a returning user: the frontend opens on the canvas, not on Templates
+            settings.parent.mkdir(parents=True, exist_ok=True)
+            settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
 
     def start(self, timeout: float = 180) -> "ComfyServer":
         self._prepare_base_dir()
