@@ -25,6 +25,9 @@ def import_comfyui() -> Path:
 
     if not torch.cuda.is_available():
         args.cpu = True  # must precede the first import of comfy.model_management
+    # SDPA attention, as ComfyUI picks on a GPU (on a CPU it would pick sub-quadratic attention), so
+    # in-process measurements match what users' cards run.
+    args.use_pytorch_cross_attention = True
     import utils.extra_config  # noqa: F401  (before `nodes`/`server`, which shadow `utils`)
     return root
 
