@@ -87,3 +87,13 @@ def test_malformed_prompt_is_a_validation_error_and_the_server_keeps_serving(com
     assert unknown.value.body["error"]["type"] == "invalid_prompt"
     follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
     assert follow_up.status == "success"
+
+
+def test_a_prompt_failing_mid_execution_reports_its_error_and_the_next_one_runs(comfy_server):
+    prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
+    prompt["3"]["inputs"]["width"] = 8  # Wan's text embedding takes 4096-wide conditioning
+    result = comfy_server.run(prompt)
+    assert result.status == "error"
+    assert result.error["node_type"] == "KSampler"
+    follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    assert follow_up.status == "success", follow_up.error
