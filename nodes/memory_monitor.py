@@ -38,11 +38,13 @@ class MemoryMonitor(io.ComfyNode):
 
     @classmethod
     def execute(cls, value, report_prefix) -> io.NodeOutput:
+        if not report_prefix or any(part in report_prefix for part in ("/", "\\", "..")):
+            raise ValueError(f"Memory Monitor: report_prefix {report_prefix!r} must be a plain file name "
+                             f"(no folders): reports always go to output/{REPORT_SUBFOLDER}/.")
         snapshot = read_memory()
         summary = format_summary(snapshot)
-        report_dir = os.path.join(folder_paths.get_output_directory(), REPORT_SUBFOLDER)
-        os.makedirs(report_dir, exist_ok=True)
-        report_path = os.path.join(report_dir, f"{report_prefix}_{time.strftime('%Y%m%d-%H%M%S')}_{time.time_ns() % 10**6:06d}.json")
-        with open(report_path, "w") as f:
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(
+            f"{REPORT_SUBFOLDER}/{report_prefix}", folder_paths.get_output_directory())
+        with open(os.path.join(folder, f"{name}_{counter:05}_.json"), "w") as f:
             json.dump({"time": time.time(), **snapshot.as_dict()}, f, indent=2)
         return io.NodeOutput(value, summary, ui=ui.PreviewText(summary))

@@ -1,6 +1,7 @@
 """Memory Monitor node, called in-process through its node class."""
 import json
 
+import pytest
 import torch
 
 
@@ -26,3 +27,14 @@ def test_says_vram_is_unavailable_without_a_gpu(pack, tmp_path):
         assert snapshot.devices and "cuda:0" in format_summary(snapshot)
     else:
         assert snapshot.devices == [] and "VRAM unavailable" in format_summary(snapshot)
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "sub/dir", ""])
+def test_rejects_a_report_prefix_that_is_not_a_plain_name(pack, tmp_path, prefix):
+    import folder_paths
+    from comfyui_streamline.nodes.memory_monitor import MemoryMonitor
+
+    folder_paths.set_output_directory(str(tmp_path))
+    with pytest.raises(ValueError, match="plain file name"):
+        MemoryMonitor.execute(value=1, report_prefix=prefix)
+    assert not any(tmp_path.parent.glob("escape*"))
