@@ -30,9 +30,6 @@ class LiveStorageTracker(TorchDispatchMode):
     def track_existing(self, *tensors) -> None:
         self._track(tensors)
 
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
     def _track(self, tree) -> None:
         for tensor in tree_flatten(tree)[0]:
             if isinstance(tensor, torch.Tensor):

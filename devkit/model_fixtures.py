@@ -43,7 +43,7 @@ SVD_CONTEXT_DIM = 1024
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fills every parameter and buffer-free weight with seeded values of a trained-like scale
+    """Fills every parameter with seeded values of a trained-like scale
     (ComfyUI's ops leave parameters uninitialised)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
