@@ -1,0 +1,51 @@
+"""The one settings object shared by the nodes, the planner and the plain-torch API."""
+import logging
+from dataclasses import dataclass, replace
+
+log = logging.getLogger(__name__)
+
+AUTO = 0
+AUTO_STRIPS = 8
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """How finely supported blocks are sliced.
+
+    frame_chunks: chunks of the batch*frames axis for spatial ops (0 = one frame per chunk).
+    strip_chunks: chunks of the spatial axis for temporal ops (0 = 8 strips).
+    group_ops: run chains of ops slice by slice (Operator Grouper) instead of one op at a time.
+    """
+    frame_chunks: int = AUTO
+    strip_chunks: int = AUTO
+    group_ops: bool = False
+
+    def __post_init__(self):
+        for name in ("frame_chunks", "strip_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0 (0 = auto), got {value!r}")
+
+    def merged(self, **changes) -> "SliceSettings":
+        return replace(self, **changes)
+
+    def frames(self, length: int) -> int:
+        return _clamp("frame_chunks", self.frame_chunks, length) if self.frame_chunks else length
+
+    def strips(self, length: int) -> int:
+        return _clamp("strip_chunks", self.strip_chunks, length) if self.strip_chunks else min(AUTO_STRIPS, length)
+
+
+_warned = set()
+
+
+def _clamp(name: str, chunks: int, length: int) -> int:
+    """Clamps a chunk count to what an axis holds, warning once per setting (the axes of a UNet's
+    lower levels are shorter than the top one's, so clamping there is expected)."""
+    if chunks <= length:
+        return chunks
+    if (name, chunks) not in _warned:
+        _warned.add((name, chunks))
+        log.warning("Streamline: %s=%d is more than an axis of %d holds; using one slice per element there.",
+                    name, chunks, length)
+    return length

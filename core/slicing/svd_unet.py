@@ -1,0 +1,105 @@
+"""ComfyUI's SVD-family video UNet (openaimodel / attention): sliced forwards of its video blocks.
+
+Spatial work runs in chunks of the batch*frames axis; temporal work runs in strips of the spatial
+axes, where every row of frames is independent.
+"""
+from typing import Callable
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .settings import SliceSettings
+from .slices import map_slices, run_stage, slice_batch_aligned
+from .temporal import TemporalResBlockStrips, blend, host_function, parent_forward
+
+
+def video_resblock_forward(block: nn.Module, settings: SliceSettings) -> Callable:
+    spatial = parent_forward(block, "VideoResBlock")
+
+    def forward(x, emb, num_video_frames, image_only_indicator=None):
+        batch = x.shape[0]
+        h = run_stage([lambda xs, s: spatial(xs, slice_batch_aligned(emb, s, batch))],
+                      x, 0, settings.frames(batch), settings.group_ops)
+        h5 = h.unflatten(0, (-1, num_video_frames)).transpose(1, 2)
+        strips = settings.strips(h5.shape[4])
+        temporal = TemporalResBlockStrips(block.time_stack,
+                                          rearrange(emb, "(b t) ... -> b t ...", t=num_video_frames))
+        temporal.prepare(h5, 4, strips)
+        alpha = block.time_mixer.get_alpha(image_only_indicator, h.device)
+        if settings.group_ops:
+            in_place = h5 if h5.dtype == h.dtype else None
+            out = map_slices(lambda xs, s: blend(alpha, xs, temporal(xs)), h5, 4, strips, in_place)
+        else:
+            out = blend(alpha, h5, map_slices(temporal, h5, 4, strips))
+        return rearrange(out, "b c t h w -> (b t) c h w")
+    return forward
+
+
+def spatial_video_transformer_forward(block: nn.Module, settings: SliceSettings) -> Callable:
+    def forward(x, context=None, time_context=None, timesteps=None, image_only_indicator=None,
+                transformer_options={}):
+        batch, channels, height, width = x.shape
+        transformer_options["activations_shape"] = list(x.shape)
+        frames = settings.frames(batch)
+        video_batch = batch // timesteps
+        if block.use_spatial_context:
+            time_context = (context if time_context is None else time_context)[::timesteps]
+        elif time_context is not None and time_context.ndim == 2:
+            time_context = time_context[:, None]
+
+        def spatial_in(xs, s):
+            xs = block.norm(xs)
+            if not block.use_linear:
+                xs = block.proj_in(xs)
+            xs = rearrange(xs, "b c h w -> b (h w) c")
+            return block.proj_in(xs) if block.use_linear else xs
+
+        frame_index = torch.arange(timesteps, device=x.device).repeat(video_batch)
+        timestep_embedding = host_function(block, "timestep_embedding")
+        time_emb = block.time_pos_embed(timestep_embedding(
+            frame_index, block.in_channels, repeat_only=False, max_period=block.max_time_embed_period).to(x.dtype))
+        time_emb = rearrange(time_emb, "(b t) c -> b t 1 c", t=timesteps)
+        alpha = block.time_mixer.get_alpha(image_only_indicator, x.device)
+        if alpha.numel() == batch:
+            alpha = alpha.reshape(video_batch, timesteps, 1, 1)
+
+        h = None
+        depth = len(block.transformer_blocks)
+        for index, (spatial_block, temporal_block) in enumerate(zip(block.transformer_blocks, block.time_stack)):
+            transformer_options["block_index"] = index
+
+            def spatial_layer(xs, s, spatial_block=spatial_block):
+                return spatial_block(xs, context=slice_batch_aligned(context, s, batch),
+                                     transformer_options=transformer_options)
+
+            def temporal_layer(xs, s, temporal_block=temporal_block):
+                rows = xs.shape[2]
+                mixed = rearrange(xs + time_emb, "b t n c -> (b n) t c")
+                rows_context = None if time_context is None else time_context.repeat_interleave(rows, dim=0)
+                mixed = temporal_block(mixed, context=rows_context, transformer_options=transformer_options)
+                return blend(alpha, xs, rearrange(mixed, "(b n) t c -> b t n c", b=video_batch))
+
+            layers = [spatial_in, spatial_layer] if index == 0 else [spatial_layer]
+            h = run_stage(layers, x if index == 0 else h, 0, frames, settings.group_ops,
+                          out=None if index == 0 else h)
+            rows_view = h.unflatten(0, (video_batch, timesteps))
+            strips = settings.strips(rows_view.shape[2])
+            if index < depth - 1:
+                run_stage([temporal_layer], rows_view, 2, strips, settings.group_ops, out=rows_view)
+                continue
+            out = x.new_empty(x.shape)
+            out_rows = out.view(video_batch, timesteps, channels, height * width).transpose(2, 3)
+            x_rows = rearrange(x, "(b t) c h w -> b t (h w) c", t=timesteps)
+
+            def spatial_out(xs, s):
+                if block.use_linear:
+                    xs = block.proj_out(xs)
+                else:
+                    xs = rearrange(block.proj_out(rearrange(xs, "b t n c -> b c t n")), "b c t n -> b t n c")
+                return xs + x_rows[:, :, s]
+            run_stage([temporal_layer, spatial_out], rows_view, 2, strips, settings.group_ops, out=out_rows)
+            return out
+        return x
+    return forward
+

@@ -1,0 +1,69 @@
+"""Pieces shared by the video blocks: the time-only ResBlock run in exact spatial strips, the
+alpha blend of spatial and temporal paths, and the parent-class forward of a video block."""
+import sys
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .group_norm import ExactGroupNorm
+from .slices import chunk_slices, take
+
+
+def parent_forward(module: nn.Module, class_name: str) -> Callable:
+    """The forward of the class that `class_name` extends, bound to `module` (the spatial half of
+    a video block that subclasses an image block)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ == class_name:
+            return super(cls, module).forward
+    raise TypeError(f"{type(module).__name__} does not derive from {class_name}")
+
+
+def host_function(module: nn.Module, name: str) -> Callable:
+    """A helper function of the host library, taken from the module that defines `module`'s class
+    (or a base class), so the sliced forward computes exactly what the stock one does."""
+    for cls in type(module).__mro__:
+        function = getattr(sys.modules[cls.__module__], name, None)
+        if function is not None:
+            return function
+    raise TypeError(f"no {name} next to {type(module).__name__}")
+
+
+def blend(alpha: torch.Tensor, x_spatial: torch.Tensor, x_temporal: torch.Tensor) -> torch.Tensor:
+    """AlphaBlender's mix: alpha * spatial + (1 - alpha) * temporal, in the spatial dtype."""
+    return alpha.to(x_spatial.dtype) * x_spatial + (1.0 - alpha).to(x_spatial.dtype) * x_temporal
+
+
+class TemporalResBlockStrips:
+    """A ResBlock whose convolutions only mix frames (kernel [k, 1, 1] on b c t h w), run over
+    strips of the last (width) axis. Both GroupNorms get the whole tensor's statistics: the first
+    from its input, the second by running the first half once more per strip."""
+
+    def __init__(self, block: nn.Module, emb: Optional[torch.Tensor]):
+        if block.updown or block.use_scale_shift_norm:
+            raise TypeError("only plain temporal ResBlocks (no up/down, no scale-shift norm) are sliced")
+        self.block = block
+        self.in_norm = ExactGroupNorm(block.in_layers[0])
+        self.out_norm = ExactGroupNorm(block.out_layers[0])
+        self.emb_out = None
+        if emb is not None and not block.skip_t_emb:
+            emb_out = block.emb_layers(emb)
+            while emb_out.ndim < 5:
+                emb_out = emb_out[..., None]
+            self.emb_out = emb_out.movedim(1, 2) if block.exchange_temb_dims else emb_out
+
+    def _first_half(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block.in_layers[1:](self.in_norm(x))
+        if self.emb_out is not None:
+            h = h + self.emb_out.type(h.dtype)
+        return h
+
+    def prepare(self, x: torch.Tensor, dim: int, chunks: int):
+        self.in_norm.fit(x, dim, chunks)
+        self.out_norm.reset()
+        for s in chunk_slices(x.shape[dim], chunks):
+            self.out_norm.accumulate(self._first_half(take(x, dim, s)))
+
+    def __call__(self, x: torch.Tensor, s: slice = None) -> torch.Tensor:
+        h = self.block.out_layers[1:](self.out_norm(self._first_half(x)))
+        return self.block.skip_connection(x) + h
