@@ -3,13 +3,14 @@ for video diffusion in ComfyUI. Registered through the comfy_api v0.0.2 (v3 sche
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .nodes.memory_monitor import MemoryMonitor
+from .nodes.slicing import FeatureSlicer, OperatorGrouper, VAESlicer
 
 WEB_DIRECTORY = "./web"
 
 
 class StreamlineExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [MemoryMonitor]
+        return [FeatureSlicer, OperatorGrouper, VAESlicer, MemoryMonitor]
 
 
 async def comfy_entrypoint() -> StreamlineExtension:

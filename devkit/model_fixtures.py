@@ -26,6 +26,9 @@ _SVD_COMMON = dict(
 SVD_CONFIGS = {
     "tiny": {**_SVD_COMMON, "channel_mult": [1, 1, 1, 1]},
     "full": {**_SVD_COMMON, "channel_mult": [1, 2, 4, 4]},  # SVD img2vid, 1.52 B parameters
+    # In-process only (not detectable from a file): two levels, 64 channels, every video block kind.
+    "micro": {**_SVD_COMMON, "model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+              "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1]},
 }
 
 # Wan 2.1 detection fixes num_heads = dim // 128, text_dim 4096 and freq_dim 256.

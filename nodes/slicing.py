@@ -1,0 +1,119 @@
+"""Feature Slicer, Operator Grouper and VAE Slicer: patch clones of MODEL / VAE with core.slicing."""
+import copy
+import logging
+
+from comfy_api.v0_0_2 import io
+
+from ..core.slicing import SliceSettings, UnsupportedModelError, slicing_patches
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = "streamline_slicing"
+# Sliced SVD temporal decode peak per frame relative to ComfyUI's stock per-frame estimate
+# (bench/slicing_peaks.py, 14 frames 576x1024, grouped, default chunks).
+SLICED_DECODE_MEMORY_RATIO = 0.5
+
+FRAME_CHUNKS_TOOLTIP = ("Chunks of the batch x frames axis that spatial ops run in. 0 = auto (one frame "
+                        "per chunk). More chunks: lower peak, more kernel launches.")
+STRIP_CHUNKS_TOOLTIP = ("Strips of the width axis that temporal ops run in. 0 = auto (8). Values larger "
+                        "than an axis are clamped to one column per strip, with a warning.")
+
+
+def _chunk_inputs():
+    return [
+        io.Int.Input("frame_chunks", default=0, min=0, max=4096, tooltip=FRAME_CHUNKS_TOOLTIP),
+        io.Int.Input("strip_chunks", default=0, min=0, max=4096, tooltip=STRIP_CHUNKS_TOOLTIP),
+    ]
+
+
+def sliced_model(model, node: str, **changes):
+    """A clone of `model` whose supported video blocks run sliced with the merged settings.
+
+    Nothing is patched unless every block could be: errors leave no half-patched clone."""
+    transformer_options = model.model_options.get("transformer_options", {})
+    settings = transformer_options.get(SETTINGS_KEY, SliceSettings()).merged(**changes)
+    try:
+        patches = slicing_patches(model.get_model_object("diffusion_model"), settings, "diffusion_model.")
+    except UnsupportedModelError as error:
+        raise ValueError(f"{node}: {error}") from None
+    clone = model.clone()
+    for name, replacement in patches.items():
+        clone.add_object_patch(name, replacement)
+    clone.model_options.setdefault("transformer_options", {})[SETTINGS_KEY] = settings
+    return clone
+
+
+def sliced_vae(vae, node: str, settings: SliceSettings):
+    try:
+        patches = slicing_patches(vae.first_stage_model, settings)
+    except UnsupportedModelError as error:
+        raise ValueError(f"{node}: {error}") from None
+    clone = copy.copy(vae)
+    clone.patcher = vae.patcher.clone()
+    for name, replacement in patches.items():
+        clone.patcher.add_object_patch(name, replacement)
+    stock_estimate = vae.memory_used_decode
+    # ComfyUI sizes decode batches from this per-frame estimate: the lower sliced figure lets all
+    # frames decode together, so every frame keeps its full temporal context.
+    clone.memory_used_decode = lambda shape, dtype: stock_estimate(shape, dtype) * SLICED_DECODE_MEMORY_RATIO
+    return clone
+
+
+class FeatureSlicer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamlineFeatureSlicer",
+            display_name="Feature Slicer",
+            category="Streamline/memory",
+            description="Runs the video model's spatial ops in frame chunks and its temporal ops in "
+                        "strips, with exact results (GroupNorm statistics over the whole tensor). "
+                        "Lowers peak VRAM; the output equals the unsliced model's.",
+            inputs=[io.Model.Input("model"), *_chunk_inputs()],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, frame_chunks, strip_chunks) -> io.NodeOutput:
+        return io.NodeOutput(sliced_model(model, "Feature Slicer", frame_chunks=frame_chunks,
+                                          strip_chunks=strip_chunks))
+
+
+class OperatorGrouper(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamlineOperatorGrouper",
+            display_name="Operator Grouper",
+            category="Streamline/memory",
+            description="Runs chains of ops (spatial block, time embedding, temporal block, blend, "
+                        "output projection) slice by slice, so their full-size intermediates never "
+                        "exist. Uses the Feature Slicer's chunks when one is applied, else auto.",
+            inputs=[io.Model.Input("model")],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        return io.NodeOutput(sliced_model(model, "Operator Grouper", group_ops=True))
+
+
+class VAESlicer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamlineVAESlicer",
+            display_name="VAE Slicer",
+            category="Streamline/memory",
+            description="Makes a stock VAE Decode of a video run sliced and grouped, decoding all frames "
+                        "together with their full temporal context at a fraction of the memory.",
+            inputs=[io.Vae.Input("vae"), *_chunk_inputs(),
+                    io.Boolean.Input("group_ops", default=True,
+                                     tooltip="Also group op chains (Operator Grouper) inside the decoder.")],
+            outputs=[io.Vae.Output(tooltip="A patched copy; the input VAE is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, vae, frame_chunks, strip_chunks, group_ops) -> io.NodeOutput:
+        settings = SliceSettings(frame_chunks, strip_chunks, group_ops)
+        return io.NodeOutput(sliced_vae(vae, "VAE Slicer", settings))

@@ -1,0 +1,159 @@
+"""Feature Slicer, Operator Grouper and VAE Slicer, driven through their node classes and ComfyUI's
+own sampling and decoding paths: sliced results equal the stock ones, the input is never changed."""
+import pytest
+import torch
+
+from devkit.model_fixtures import SVD_CONTEXT_DIM, build_svd, build_svd_vae
+
+TOLERANCE = 1e-5  # fp32: max abs difference relative to the output's scale
+# A sampled latent carries the sampler's amplification of fp32 rounding: on the micro SVD, stock fp32
+# sampling is itself 5.6e-5 away from the same sampling in float64
+# (test_sliced_sampling_is_as_close_to_float64_as_stock checks slicing adds no more than that).
+SAMPLING_TOLERANCE = 1e-4
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def patcher(model):
+    import comfy.model_management
+    import comfy.model_patcher
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+@pytest.fixture(scope="module")
+def svd_model(pack):
+    return patcher(build_svd("micro"))
+
+
+@pytest.fixture(scope="module")
+def svd_vae(pack):
+    return build_svd_vae()
+
+
+def svd_conditioning(frames: int, height: int, width: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    concat = torch.randn(1, 4, height, width, generator=generator)
+    extra = {"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.0, "concat_latent_image": concat}
+    positive = [[torch.randn(1, 1, SVD_CONTEXT_DIM, generator=generator), dict(extra)]]
+    negative = [[torch.zeros(1, 1, SVD_CONTEXT_DIM), {**extra, "concat_latent_image": torch.zeros_like(concat)}]]
+    return positive, negative
+
+
+def sample(model, frames=5, height=5, width=7, steps=2, cfg=2.5, seed=3):
+    import comfy.sample
+    latent = torch.zeros(frames, 4, height, width)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    positive, negative = svd_conditioning(frames, height, width)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "karras", positive, negative, latent,
+                               seed=seed, disable_pbar=True)
+
+
+def node_output(node_class, *args):
+    return node_class.execute(*args).result[0]
+
+
+@pytest.mark.parametrize("frames, height, width, frame_chunks, strip_chunks", [
+    (1, 4, 6, 1, 3),
+    (14, 5, 7, 4, 3),
+    (25, 3, 9, 6, 4),
+])
+def test_slicer_and_grouper_sample_the_stock_latent(pack, svd_model, frames, height, width,
+                                                    frame_chunks, strip_chunks):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    stock = sample(svd_model, frames, height, width)
+    sliced = node_output(FeatureSlicer, svd_model, frame_chunks, strip_chunks)
+    grouped = node_output(OperatorGrouper, sliced)
+    for model in (sliced, grouped):
+        assert relative_difference(sample(model, frames, height, width), stock) <= SAMPLING_TOLERANCE
+
+
+def test_sliced_sampling_is_as_close_to_float64_as_stock(pack, svd_model):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    truth = sample(patcher(build_svd("micro", dtype=torch.float64)), frames=14).double()
+    stock_error = relative_difference(sample(svd_model, frames=14).double(), truth)
+    grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 4, 3))
+    assert relative_difference(sample(grouped, frames=14).double(), truth) <= 1.5 * stock_error + 1e-6
+
+
+def test_grouper_then_slicer_equals_slicer_then_grouper(pack, svd_model):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    a = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 2, 5))
+    b = node_output(FeatureSlicer, node_output(OperatorGrouper, svd_model), 2, 5)
+    settings = [m.model_options["transformer_options"]["streamline_slicing"] for m in (a, b)]
+    assert settings[0] == settings[1] and settings[0].group_ops
+    assert relative_difference(sample(b), sample(a)) <= SAMPLING_TOLERANCE
+
+
+def test_input_model_is_not_mutated_and_bypassing_restores_stock(pack, svd_model):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    before = sample(svd_model)
+    patched = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 3, 2))
+    assert svd_model.object_patches == {} and "streamline_slicing" not in svd_model.model_options.get(
+        "transformer_options", {})
+    assert len(patched.object_patches) > 0
+    sample(patched)
+    after = sample(svd_model)
+    assert torch.equal(after, before)
+    unet = svd_model.get_model_object("diffusion_model")
+    for block in unet.modules():
+        if "forward" in block.__dict__:  # ComfyUI restores the bound stock method
+            assert block.forward.__func__ is type(block).forward
+
+
+def test_chunk_counts_larger_than_the_axes_are_clamped_with_a_warning(pack, svd_model, caplog):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer
+
+    stock = sample(svd_model, frames=3)
+    sliced = node_output(FeatureSlicer, svd_model, 4096, 4095)
+    assert relative_difference(sample(sliced, frames=3), stock) <= SAMPLING_TOLERANCE
+    assert "frame_chunks=4096 is more than" in caplog.text and "strip_chunks=4095 is more than" in caplog.text
+
+
+def test_negative_chunk_counts_are_rejected_before_patching(pack, svd_model):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer
+
+    with pytest.raises(ValueError, match="frame_chunks must be a whole number >= 0"):
+        FeatureSlicer.execute(svd_model, -1, 0)
+
+
+def test_a_model_without_video_blocks_gets_an_error_naming_the_supported_families(pack):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+    from devkit.model_fixtures import build_wan
+
+    wan = patcher(build_wan("tiny"))
+    for node in (FeatureSlicer, OperatorGrouper):
+        args = (wan, 0, 0) if node is FeatureSlicer else (wan,)
+        with pytest.raises(ValueError, match="no video blocks that Streamline can slice. Supported: SVD"):
+            node.execute(*args)
+    assert wan.object_patches == {}
+
+
+@pytest.mark.parametrize("frames, height, width", [(1, 4, 6), (14, 3, 5), (25, 2, 3)])
+def test_vae_slicer_decodes_the_stock_frames_with_full_temporal_context(pack, svd_vae, frames, height, width):
+    from comfyui_streamline.nodes.slicing import VAESlicer
+
+    latent = torch.randn(frames, 4, height, width, generator=torch.Generator().manual_seed(frames))
+    with torch.inference_mode():
+        stock = svd_vae.first_stage_model.decode(latent)  # every frame at once: full temporal context
+        for frame_chunks, strip_chunks, group_ops in [(3, 5, True), (0, 0, False)]:
+            sliced_vae = node_output(VAESlicer, svd_vae, frame_chunks, strip_chunks, group_ops)
+            decoded = sliced_vae.decode(latent)
+            assert decoded.shape == (frames, height * 8, width * 8, 3)
+            expected = svd_vae.process_output(stock).movedim(1, -1)
+            assert relative_difference(decoded, expected) <= TOLERANCE
+    assert svd_vae.patcher.object_patches == {}
+
+
+def test_vae_slicer_rejects_a_vae_without_a_video_decoder(pack):
+    from comfyui_streamline.nodes.slicing import VAESlicer
+    from devkit.model_fixtures import build_wan_vae
+
+    with pytest.raises(ValueError, match="VAE Slicer: .* Supported: SVD"):
+        VAESlicer.execute(build_wan_vae("tiny"), 0, 0, True)
