@@ -20,29 +20,32 @@ GIB = 1024 ** 3
 FP16, BF16 = torch.float16, torch.bfloat16
 
 
-def measure(meta_module, forward, tracker_cls):
-    """(activation peak, weight bytes) of `forward(module)` on fake copies of a meta-built module."""
+def measure(meta_module, forward, tracker_cls, prepare=None):
+    """(activation peak, weight bytes) of `forward(module)` on fake copies of a meta-built module,
+    after `prepare(module)` (e.g. installing slicing) when given."""
     with FakeTensorMode():
         module = model_fixtures.materialize_fake(meta_module)
+        if prepare is not None:
+            prepare(module)
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         with torch.inference_mode(), tracker_cls() as tracker:
             forward(module)
     return tracker.peak, weights
 
 
-def svd_unet(frames, tracker_cls):
+def svd_unet(frames, tracker_cls, prepare=None):
     batch = 2 * frames  # classifier-free guidance
 
     def forward(unet):
         unet(torch.empty(batch, 8, 72, 128, dtype=FP16), torch.empty(batch, dtype=FP16),  # 576x1024
              torch.empty(batch, 1, 1024, dtype=FP16), torch.empty(batch, 768, dtype=FP16),
              num_video_frames=frames, image_only_indicator=torch.zeros(2, frames, dtype=FP16))
-    return measure(model_fixtures.build_svd("full", FP16, "meta").diffusion_model, forward, tracker_cls)
+    return measure(model_fixtures.build_svd("full", FP16, "meta").diffusion_model, forward, tracker_cls, prepare)
 
 
-def svd_vae_decode(frames, tracker_cls):
+def svd_vae_decode(frames, tracker_cls, prepare=None):
     vae = model_fixtures.build_svd_vae().first_stage_model.to("meta", FP16)
-    return measure(vae, lambda v: v.decode(torch.empty(frames, 4, 72, 128, dtype=FP16)), tracker_cls)
+    return measure(vae, lambda v: v.decode(torch.empty(frames, 4, 72, 128, dtype=FP16)), tracker_cls, prepare)
 
 
 def wan(size, frames, batch, tracker_cls):

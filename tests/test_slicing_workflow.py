@@ -1,0 +1,75 @@
+"""The slicing nodes in a real headless ComfyUI: the example workflow samples and decodes exactly what
+the same workflow without the nodes does."""
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import load_workflow
+
+SLICING_NODES = ("11", "12", "13")
+
+
+def stock_twin(prompt: dict) -> dict:
+    """The same workflow with the slicing nodes bypassed (their inputs wired straight through)."""
+    twin = {k: v for k, v in prompt.items() if k not in SLICING_NODES}
+    twin["6"]["inputs"]["model"] = prompt["11"]["inputs"]["model"]
+    twin["7"]["inputs"]["vae"] = prompt["13"]["inputs"]["vae"]
+    for node in twin.values():
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] += "_stock"
+    return twin
+
+
+def outputs(result, comfy_server):
+    files = result.files(comfy_server.output_dir)
+    latent = load_file(next(p for p in files if p.suffix == ".latent"))["latent_tensor"]
+    frames = np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in sorted(files) if p.suffix == ".png"])
+    return latent, frames
+
+
+def test_object_info_lists_the_slicing_nodes(comfy_server):
+    info = comfy_server.object_info()
+    for node_id, name in [("StreamlineFeatureSlicer", "Feature Slicer"),
+                          ("StreamlineOperatorGrouper", "Operator Grouper"), ("StreamlineVAESlicer", "VAE Slicer")]:
+        assert info[node_id]["display_name"] == name
+        assert info[node_id]["category"] == "Streamline/memory"
+
+
+def test_sliced_svd_workflow_matches_the_same_workflow_without_the_nodes(comfy_server):
+    prompt = load_workflow("svd_img2vid_sliced_tiny.api.json")
+    sliced = comfy_server.run(prompt)
+    assert sliced.status == "success", sliced.error
+    stock = comfy_server.run(stock_twin(load_workflow("svd_img2vid_sliced_tiny.api.json")))
+    assert stock.status == "success", stock.error
+
+    sliced_latent, sliced_frames = outputs(sliced, comfy_server)
+    stock_latent, stock_frames = outputs(stock, comfy_server)
+    frames = prompt["4"]["inputs"]["video_frames"]
+    assert sliced_latent.shape == stock_latent.shape and sliced_latent.shape[0] == frames
+    assert ((sliced_latent - stock_latent).abs().max() / stock_latent.abs().max()).item() <= 1e-4
+    assert sliced_frames.shape == stock_frames.shape and len(sliced_frames) == frames
+    assert np.abs(sliced_frames - stock_frames).max() <= 1  # 8-bit rounding of equal values
+
+
+def test_negative_chunks_are_rejected_by_prompt_validation(comfy_server):
+    from devkit.comfy_server import PromptRejected
+
+    prompt = load_workflow("svd_img2vid_sliced_tiny.api.json")
+    prompt["11"]["inputs"]["frame_chunks"] = -2
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.queue(prompt)
+    assert "frame_chunks" in str(rejected.value.body)
+
+
+def test_slicer_on_an_unsupported_model_fails_clearly_and_the_next_prompt_runs(comfy_server):
+    wan = load_workflow("demo_wan21_t2v_tiny.api.json")
+    sampler = next(k for k, v in wan.items() if v["class_type"] == "KSampler")
+    wan["90"] = {"class_type": "StreamlineFeatureSlicer",
+                 "inputs": {"model": wan[sampler]["inputs"]["model"], "frame_chunks": 0, "strip_chunks": 0}}
+    wan[sampler]["inputs"]["model"] = ["90", 0]
+    failed = comfy_server.run(wan)
+    assert failed.status == "error"
+    assert "no video blocks that Streamline can slice" in failed.error["exception_message"]
+    assert "Traceback" not in failed.error["exception_message"]
+    assert comfy_server.run(load_workflow("demo_svd_img2vid_tiny.api.json")).status == "success"
