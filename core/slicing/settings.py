@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 log = logging.getLogger(__name__)
 
 AUTO = 0
-AUTO_STRIPS = 8
+AUTO_STRIP_WIDTH = 16  # columns per strip in auto mode
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,7 @@ class SliceSettings:
     """How finely supported blocks are sliced.
 
     frame_chunks: chunks of the batch*frames axis for spatial ops (0 = one frame per chunk).
-    strip_chunks: chunks of the spatial axis for temporal ops (0 = 8 strips).
+    strip_chunks: chunks of the spatial axis for temporal ops (0 = strips 16 columns wide).
     group_ops: run chains of ops slice by slice (Operator Grouper) instead of one op at a time.
     """
     frame_chunks: int = AUTO
@@ -33,7 +33,7 @@ class SliceSettings:
         return _clamp("frame_chunks", self.frame_chunks, length) if self.frame_chunks else length
 
     def strips(self, length: int) -> int:
-        return _clamp("strip_chunks", self.strip_chunks, length) if self.strip_chunks else min(AUTO_STRIPS, length)
+        return _clamp("strip_chunks", self.strip_chunks, length) if self.strip_chunks else -(-length // AUTO_STRIP_WIDTH)
 
 
 _warned = set()
