@@ -37,10 +37,10 @@ def test_object_info_lists_the_slicing_nodes(comfy_server):
 
 
 def test_sliced_svd_workflow_matches_the_same_workflow_without_the_nodes(comfy_server):
-    prompt = load_workflow("svd_img2vid_sliced_tiny.api.json")
+    prompt = load_workflow("demo_svd_img2vid_sliced_tiny.api.json")
     sliced = comfy_server.run(prompt)
     assert sliced.status == "success", sliced.error
-    stock = comfy_server.run(stock_twin(load_workflow("svd_img2vid_sliced_tiny.api.json")))
+    stock = comfy_server.run(stock_twin(load_workflow("demo_svd_img2vid_sliced_tiny.api.json")))
     assert stock.status == "success", stock.error
 
     sliced_latent, sliced_frames = outputs(sliced, comfy_server)
@@ -55,7 +55,7 @@ def test_sliced_svd_workflow_matches_the_same_workflow_without_the_nodes(comfy_s
 def test_negative_chunks_are_rejected_by_prompt_validation(comfy_server):
     from devkit.comfy_server import PromptRejected
 
-    prompt = load_workflow("svd_img2vid_sliced_tiny.api.json")
+    prompt = load_workflow("demo_svd_img2vid_sliced_tiny.api.json")
     prompt["11"]["inputs"]["frame_chunks"] = -2
     with pytest.raises(PromptRejected) as rejected:
         comfy_server.queue(prompt)

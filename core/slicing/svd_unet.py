@@ -84,7 +84,7 @@ def spatial_video_transformer_forward(block: nn.Module, settings: SliceSettings)
             h = run_stage(layers, x if index == 0 else h, 0, frames, settings.group_ops,
                           out=None if index == 0 else h)
             rows_view = h.unflatten(0, (video_batch, timesteps))
-            strips = settings.strips(rows_view.shape[2])
+            strips = settings.strips(width)  # bands of the flattened h*w rows, as many as width strips
             if index < depth - 1:
                 run_stage([temporal_layer], rows_view, 2, strips, settings.group_ops, out=rows_view)
                 continue
