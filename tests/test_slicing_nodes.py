@@ -157,3 +157,23 @@ def test_vae_slicer_rejects_a_vae_without_a_video_decoder(pack):
 
     with pytest.raises(ValueError, match="VAE Slicer: .* Supported: SVD"):
         VAESlicer.execute(build_wan_vae("tiny"), 0, 0, True)
+
+
+def test_sliced_model_samples_the_stock_latent_through_a_custom_guider(pack, svd_model):
+    """The SamplerCustomAdvanced path: a CFGGuider with an explicit sampler and sigmas."""
+    import comfy.sample
+    import comfy.samplers
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    def sample_custom(model):
+        latent = torch.zeros(6, 4, 5, 7)
+        positive, negative = svd_conditioning(6, 5, 7)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(2.0)
+        sigmas = torch.tensor([10.0, 2.0, 0.0])
+        return guider.sample(comfy.sample.prepare_noise(latent, 5), latent, comfy.samplers.sampler_object("euler"),
+                             sigmas, disable_pbar=True, seed=5)
+
+    grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 2, 2))
+    assert relative_difference(sample_custom(grouped), sample_custom(svd_model)) <= SAMPLING_TOLERANCE
