@@ -105,7 +105,6 @@ def quality_and_latency_rows():
                          max_abs_diff_vs_full_context=((output - reference).abs().max() / scale).item(),
                          cpu_time_ratio=None if seconds is None else seconds / stock_time))
 
-    import comfy.model_patcher  # noqa: F401
     unet = model_fixtures.build_svd("micro").diffusion_model
     frames = 14
     x, t = torch.randn(2 * frames, 8, 24, 32), torch.full((2 * frames,), 0.5)
