@@ -9,9 +9,10 @@ from ..core.slicing import SliceSettings, UnsupportedModelError, slicing_patches
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "streamline_slicing"
-# The sliced SVD temporal decode needs this fraction of stock's per-frame memory (bench/slicing_peaks.py:
-# 14 frames at 576x1024 all at once 3.66 GiB, against 0.98 GiB per frame for stock), rounded up.
-SLICED_DECODE_MEMORY_RATIO = 0.3
+# The sliced SVD temporal decode of n frames needs (FIXED + PER_FRAME * n) times stock's per-frame
+# estimate: measured 0.265 + 0.059 * n (1, 14 and 25 frames at 576x1024, bench/slicing_peaks.py), with
+# 1.5x headroom.
+SLICED_DECODE_FIXED, SLICED_DECODE_PER_FRAME = 0.4, 0.09
 
 FRAME_CHUNKS_TOOLTIP = ("Chunks of the batch x frames axis that spatial ops run in. 0 = auto (one frame "
                         "per chunk). More chunks: lower peak, more kernel launches.")
@@ -52,11 +53,18 @@ def sliced_vae(vae, node: str, settings: SliceSettings):
     clone.patcher = vae.patcher.clone()
     for name, replacement in patches.items():
         clone.patcher.add_object_patch(name, replacement)
-    stock_estimate = vae.memory_used_decode
-    # ComfyUI sizes decode batches from this per-frame estimate: the lower sliced figure lets all
-    # frames decode together, so every frame keeps its full temporal context.
-    clone.memory_used_decode = lambda shape, dtype: stock_estimate(shape, dtype) * SLICED_DECODE_MEMORY_RATIO
+    clone.memory_used_decode = sliced_decode_estimate(vae.memory_used_decode)
     return clone
+
+
+def sliced_decode_estimate(stock_estimate):
+    """ComfyUI decodes free_memory // estimate frames per batch, where the estimate is per frame and
+    gets the whole latent's shape: the sliced total, spread over the frames, keeps all frames (and
+    their full temporal context) in one batch whenever that total fits."""
+    def estimate(shape, dtype):
+        frames = max(1, shape[0])
+        return stock_estimate(shape, dtype) * (SLICED_DECODE_FIXED + SLICED_DECODE_PER_FRAME * frames) / frames
+    return estimate
 
 
 class FeatureSlicer(io.ComfyNode):

@@ -2,8 +2,6 @@
 import torch
 from torch import nn
 
-from .slices import chunk_slices, take
-
 
 def cast_affine(norm: nn.Module, name: str, like: torch.Tensor):
     """A norm's weight or bias on the input's device and dtype, with host weight patches applied
@@ -48,11 +46,6 @@ class ExactGroupNorm:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + var * n + delta.square() * (self.count * n / total)
         self.count = total
-
-    def fit(self, x: torch.Tensor, dim: int, chunks: int):
-        self.reset()
-        for s in chunk_slices(x.shape[dim], chunks):
-            self.accumulate(take(x, dim, s))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rstd = torch.rsqrt(self.m2 / self.count + self.norm.eps)

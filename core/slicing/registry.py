@@ -7,8 +7,9 @@ from torch import nn
 
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
-from .svd_unet import spatial_video_transformer_forward, video_resblock_forward
-from .svd_vae import decoder_video_resblock_forward, video_decoder_forward
+from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
+from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
+from .temporal import derives_from
 
 
 class UnsupportedModelError(ValueError):
@@ -17,8 +18,7 @@ class UnsupportedModelError(ValueError):
 
 def _is(class_name: str, *attributes: str) -> Callable[[nn.Module], bool]:
     """Matches instances of a class called `class_name` (or of a subclass) that have `attributes`."""
-    return lambda m: (any(cls.__name__ == class_name for cls in type(m).__mro__)
-                      and all(hasattr(m, a) for a in attributes))
+    return lambda m: derives_from(m, class_name) and all(hasattr(m, a) for a in attributes)
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,6 @@ class BlockRule:
 
 def _forward(make_forward):
     return lambda module, settings: {"forward": make_forward(module, settings)}
-
-
-def _frame_local_child(name):
-    return lambda module, settings: {f"{name}.forward": frame_local_forward(getattr(module, name), settings)}
 
 
 @dataclass(frozen=True)
@@ -53,16 +49,20 @@ FAMILIES = (
             BlockRule(_is("SpatialVideoTransformer", "time_stack"), _forward(spatial_video_transformer_forward)),
             BlockRule(lambda m: type(m).__name__ in ("Upsample", "Downsample") and getattr(m, "dims", None) == 2,
                       _forward(frame_local_forward)),
-            BlockRule(_is("UNetModel", "out", "output_blocks"), _frame_local_child("out")),
+            BlockRule(_is("UNetModel", "out", "output_blocks"), unet_patches),
         ),
     ),
     Family(
         "SVD temporal VAE decoder (ComfyUI temporal_ae.VideoDecoder)",
         signature=_is("VideoDecoder", "conv_out", "up"),
         rules=(
-            BlockRule(_is("VideoDecoder", "conv_out", "up"), _forward(video_decoder_forward)),
+            # grouped: the decoder's own forward runs every block; alone: each block is patched
+            BlockRule(_is("VideoDecoder", "conv_out", "up"),
+                      lambda module, settings: {"forward": video_decoder_forward(module, settings)}
+                      if settings.group_ops else {}),
             BlockRule(_is("VideoResBlock", "norm1", "time_stack"), _forward(decoder_video_resblock_forward)),
-            BlockRule(lambda m: type(m).__name__ in ("Upsample", "AttnBlock") and not hasattr(m, "dims"),
+            BlockRule(_is("AE3DConv", "time_mix_conv"), _forward(video_conv_forward)),
+            BlockRule(lambda m: type(m).__name__ in FRAME_LOCAL_MODULES and not hasattr(m, "dims"),
                       _forward(frame_local_forward)),
         ),
     ),
@@ -86,7 +86,9 @@ def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") 
             rule = next((r for r in family.rules if r.matches(module)), None)
             if rule is not None:
                 base = f"{prefix}{path}." if path else prefix
-                patches.update({base + key: value for key, value in rule.make(module, settings).items()})
+                for key, value in rule.make(module, settings).items():
+                    # a parent's rule may already have patched this module, coordinated with itself
+                    patches.setdefault(base + key, value)
                 break
     return patches
 

@@ -6,6 +6,7 @@ log = logging.getLogger(__name__)
 
 AUTO = 0
 AUTO_STRIP_WIDTH = 16  # columns per strip in auto mode
+AUTO_BAND_ELEMENTS = 65536  # positions x channels per band of a temporal transformer in auto mode
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,8 @@ class SliceSettings:
     """How finely supported blocks are sliced.
 
     frame_chunks: chunks of the batch*frames axis for spatial ops (0 = one frame per chunk).
-    strip_chunks: chunks of the spatial axis for temporal ops (0 = strips 16 columns wide).
+    strip_chunks: chunks of the spatial axis for temporal ops (0 = strips 16 columns wide, and
+        bands of 65536 position-channels per frame for temporal transformers).
     group_ops: run chains of ops slice by slice (Operator Grouper) instead of one op at a time.
     """
     frame_chunks: int = AUTO
@@ -34,6 +36,11 @@ class SliceSettings:
 
     def strips(self, length: int) -> int:
         return _clamp("strip_chunks", self.strip_chunks, length) if self.strip_chunks else -(-length // AUTO_STRIP_WIDTH)
+
+    def bands(self, positions: int, channels: int) -> int:
+        """Chunks of a flattened height*width axis of `channels`-wide features."""
+        return (_clamp("strip_chunks", self.strip_chunks, positions) if self.strip_chunks
+                else min(positions, -(-positions * channels // AUTO_BAND_ELEMENTS)))
 
 
 _warned = set()

@@ -3,29 +3,73 @@
 Spatial work runs in chunks of the batch*frames axis; temporal work runs in strips of the spatial
 axes, where every row of frames is independent.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from .frame_local import frame_local_forward
 from .settings import SliceSettings
-from .slices import map_slices, run_stage, slice_batch_aligned
-from .temporal import TemporalResBlockStrips, blend, host_function, parent_forward
+from .slices import chunk_slices, map_slices, run_stage, slice_batch_aligned, take
+from .temporal import TemporalResBlockStrips, blend, derives_from, host_function, parent_forward
 
 
-def video_resblock_forward(block: nn.Module, settings: SliceSettings) -> Callable:
+def unet_patches(unet: nn.Module, settings: SliceSettings) -> dict:
+    """The UNet's own patches: its output head in frame chunks, and the skip concatenation of every
+    output block fused into that block's first VideoResBlock.
+
+    UNetModel._forward concatenates h and the skip at full size before each output block. Through
+    ComfyUI's output_block_patch hook (run last), the pair is handed to the block instead and
+    zero-channel stand-ins are concatenated; the block concatenates one frame chunk at a time and
+    drops the pair once its spatial half has run."""
+    handoff = []
+    receivers = {i for i, block in enumerate(unet.output_blocks) if derives_from(block[0], "VideoResBlock")}
+    stock_forward = type(unet).forward.__get__(unet)
+
+    def hand_over(h, skip, transformer_options):
+        if transformer_options["block"][1] not in receivers:
+            return h, skip
+        handoff.append((h, skip))
+        stand_in = h.new_empty((h.shape[0], 0, *h.shape[2:]))
+        return stand_in, stand_in
+
+    def forward(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        patches = dict(transformer_options.get("patches", {}))
+        patches["output_block_patch"] = [*patches.get("output_block_patch", []), hand_over]
+        handoff.clear()
+        try:
+            return stock_forward(x, timesteps, context, y, control, {**transformer_options, "patches": patches},
+                                 **kwargs)
+        finally:
+            handoff.clear()
+
+    patches = {"forward": forward, "out.forward": frame_local_forward(unet.out, settings)}
+    for i in receivers:
+        patches[f"output_blocks.{i}.0.forward"] = video_resblock_forward(unet.output_blocks[i][0], settings, handoff)
+    return patches
+
+
+def video_resblock_forward(block: nn.Module, settings: SliceSettings, handoff: Optional[list] = None) -> Callable:
+    """With `handoff`, a zero-channel input means: take (h, skip) from it and concatenate per chunk."""
     spatial = parent_forward(block, "VideoResBlock")
+
+    def spatial_stage(inputs, emb, batch):
+        x, skip = inputs
+        if skip is None:
+            layer = lambda xs, s: spatial(xs, slice_batch_aligned(emb, s, batch))  # noqa: E731
+        else:
+            layer = lambda xs, s: spatial(torch.cat([xs, skip[s]], 1), slice_batch_aligned(emb, s, batch))  # noqa: E731
+        return run_stage([layer], x, 0, settings.frames(batch), settings.group_ops)
 
     def forward(x, emb, num_video_frames, image_only_indicator=None):
         batch = x.shape[0]
-        h = run_stage([lambda xs, s: spatial(xs, slice_batch_aligned(emb, s, batch))],
-                      x, 0, settings.frames(batch), settings.group_ops)
+        h = spatial_stage(handoff.pop() if handoff and x.shape[1] == 0 else (x, None), emb, batch)
         h5 = h.unflatten(0, (-1, num_video_frames)).transpose(1, 2)
         strips = settings.strips(h5.shape[4])
         temporal = TemporalResBlockStrips(block.time_stack,
                                           rearrange(emb, "(b t) ... -> b t ...", t=num_video_frames))
-        temporal.prepare(h5, 4, strips)
+        temporal.prepare(lambda: (take(h5, 4, s) for s in chunk_slices(h5.shape[4], strips)))
         alpha = block.time_mixer.get_alpha(image_only_indicator, h.device)
         if settings.group_ops:
             in_place = h5 if h5.dtype == h.dtype else None
@@ -64,7 +108,13 @@ def spatial_video_transformer_forward(block: nn.Module, settings: SliceSettings)
         if alpha.numel() == batch:
             alpha = alpha.reshape(video_batch, timesteps, 1, 1)
 
-        h = None
+        # One working buffer laid out like the output (b t) c (h w), used as (b t) (h w) c: every stage,
+        # and the output projection with the residual, writes it in place, slice by slice.
+        h = x.new_empty((batch, channels, height * width))
+        tokens = h.transpose(1, 2)
+        rows_view = tokens.unflatten(0, (video_batch, timesteps))
+        bands = settings.bands(height * width, channels)
+        x_rows = rearrange(x, "(b t) c h w -> b t (h w) c", t=timesteps)
         depth = len(block.transformer_blocks)
         for index, (spatial_block, temporal_block) in enumerate(zip(block.transformer_blocks, block.time_stack)):
             transformer_options["block_index"] = index
@@ -81,16 +131,10 @@ def spatial_video_transformer_forward(block: nn.Module, settings: SliceSettings)
                 return blend(alpha, xs, rearrange(mixed, "(b n) t c -> b t n c", b=video_batch))
 
             layers = [spatial_in, spatial_layer] if index == 0 else [spatial_layer]
-            h = run_stage(layers, x if index == 0 else h, 0, frames, settings.group_ops,
-                          out=None if index == 0 else h)
-            rows_view = h.unflatten(0, (video_batch, timesteps))
-            strips = settings.strips(width)  # bands of the flattened h*w rows, as many as width strips
+            run_stage(layers, x if index == 0 else tokens, 0, frames, settings.group_ops, out=tokens)
             if index < depth - 1:
-                run_stage([temporal_layer], rows_view, 2, strips, settings.group_ops, out=rows_view)
+                run_stage([temporal_layer], rows_view, 2, bands, settings.group_ops, out=rows_view)
                 continue
-            out = x.new_empty(x.shape)
-            out_rows = out.view(video_batch, timesteps, channels, height * width).transpose(2, 3)
-            x_rows = rearrange(x, "(b t) c h w -> b t (h w) c", t=timesteps)
 
             def spatial_out(xs, s):
                 if block.use_linear:
@@ -98,8 +142,7 @@ def spatial_video_transformer_forward(block: nn.Module, settings: SliceSettings)
                 else:
                     xs = rearrange(block.proj_out(rearrange(xs, "b t n c -> b c t n")), "b c t n -> b t n c")
                 return xs + x_rows[:, :, s]
-            run_stage([temporal_layer, spatial_out], rows_view, 2, strips, settings.group_ops, out=out_rows)
-            return out
+            run_stage([temporal_layer, spatial_out], rows_view, 2, bands, settings.group_ops, out=rows_view)
+            return h.view(x.shape)
         return x
     return forward
-

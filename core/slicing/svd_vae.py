@@ -2,106 +2,167 @@
 
 Every frame keeps the full temporal context: spatial work runs in frame chunks, the time-only
 convolutions in strips of the width axis with exact GroupNorm statistics.
+
+Feature Slicer alone patches each video block (`decoder_video_resblock_forward`, `video_conv_forward`).
+With operator grouping the decoder runs its own forward (`video_decoder_forward`) over a list of
+one-frame tensors: a frame-local stage replaces the frames one by one, so a level's input shrinks
+while its (larger) output grows, and a temporal stage gathers a width strip of every frame and
+writes it back in place. No activation of the decoder is ever held twice.
 """
 from typing import Callable, Optional
 
+import torch
 from einops import rearrange
 from torch import nn
 
 from .settings import SliceSettings
-from .slices import map_slices, run_stage, slice_batch_aligned
-from .temporal import TemporalResBlockStrips, host_function, parent_forward
+from .slices import chain, chunk_slices, map_slices, run_stage, slice_batch_aligned, take
+from .temporal import TemporalResBlockStrips, derives_from, host_function, parent_forward
 
-
-def run_decoder_video_resblock(block: nn.Module, x, settings: SliceSettings, temb=None, skip_video=False,
-                               timesteps=None, prelude: Optional[Callable] = None, consume_input=False):
-    """One decoder VideoResBlock, sliced. `prelude` (grouped mode) runs a frame-local module first
-    in the same frame chunks. With `consume_input`, `x` is a one-element list handing the input
-    over: the spatial half overwrites it in place or drops it as soon as it is used."""
-    if consume_input:
-        x = x.pop()
-    spatial = parent_forward(block, "VideoResBlock")
-    batch = x.shape[0]
-    layers = [lambda xs, s: spatial(xs, slice_batch_aligned(temb, s, batch))]
-    if prelude is not None:
-        layers.insert(0, lambda xs, s: prelude(xs))
-    in_place = consume_input and prelude is None and block.in_channels == block.out_channels
-    h = run_stage(layers, x, 0, settings.frames(batch), settings.group_ops, out=x if in_place else None)
-    del x
-    if skip_video:
-        return h
-    h5 = h.unflatten(0, (-1, timesteps or batch)).transpose(1, 2)
-    strips = settings.strips(h5.shape[4])
-    temporal = TemporalResBlockStrips(block.time_stack, None)
-    temporal.prepare(h5, 4, strips)
-    alpha = block.get_alpha(bs=h5.shape[0]).to(h.device)
-    if settings.group_ops:
-        out = map_slices(lambda xs, s: alpha * temporal(xs) + (1.0 - alpha) * xs, h5, 4, strips,
-                         h5 if alpha.dtype == h.dtype else None)
-    else:
-        out = alpha * map_slices(temporal, h5, 4, strips) + (1.0 - alpha) * h5
-    return rearrange(out, "b c t h w -> (b t) c h w")
+FRAME_LOCAL_MODULES = ("Upsample", "AttnBlock")  # ComfyUI classes that treat every frame on its own
 
 
 def decoder_video_resblock_forward(block: nn.Module, settings: SliceSettings) -> Callable:
+    spatial = parent_forward(block, "VideoResBlock")
+
     def forward(x, temb, skip_video=False, timesteps=None):
-        return run_decoder_video_resblock(block, x, settings, temb, skip_video, timesteps)
+        batch = x.shape[0]
+        h = map_slices(lambda xs, s: spatial(xs, slice_batch_aligned(temb, s, batch)),
+                       x, 0, settings.frames(batch))
+        if skip_video:
+            return h
+        h5 = h.unflatten(0, (-1, timesteps or batch)).transpose(1, 2)
+        strips = settings.strips(h5.shape[4])
+        temporal = TemporalResBlockStrips(block.time_stack, None)
+        temporal.prepare(lambda: (take(h5, 4, s) for s in chunk_slices(h5.shape[4], strips)))
+        alpha = block.get_alpha(bs=h5.shape[0]).to(h.device)
+        out = alpha * map_slices(temporal, h5, 4, strips) + (1.0 - alpha) * h5
+        return rearrange(out, "b c t h w -> (b t) c h w")
     return forward
 
 
-def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callable:
-    """The decoder's own forward (same calls, same order) with its output head (norm_out, SiLU,
-    the frame conv of conv_out, then its time conv) fused and sliced, so none of the head's
-    full-resolution intermediates exists at once."""
-    nonlinearity = host_function(decoder, "nonlinearity")
-    frame_conv = parent_forward(decoder.conv_out, "AE3DConv")
-    time_conv = decoder.conv_out.time_mix_conv
+def video_conv_forward(conv: nn.Module, settings: SliceSettings) -> Callable:
+    """AE3DConv (the decoder's conv_out): its frame conv in frame chunks, its time conv in strips."""
+    frame_conv = parent_forward(conv, "AE3DConv")
 
-    def head(h, timesteps=None, skip_video=False):
-        frames = run_stage([lambda xs, s: frame_conv(nonlinearity(decoder.norm_out(xs)))],
-                           h, 0, settings.frames(h.shape[0]), settings.group_ops)
+    def forward(x, timesteps=None, skip_video=False):
+        frames = map_slices(lambda xs, s: frame_conv(xs), x, 0, settings.frames(x.shape[0]))
         if skip_video:
             return frames
-        frames5 = frames.unflatten(0, (-1, timesteps or h.shape[0])).transpose(1, 2)
-        out = map_slices(lambda xs, s: time_conv(xs), frames5, 4, settings.strips(frames5.shape[4]))
+        frames5 = frames.unflatten(0, (-1, timesteps or x.shape[0])).transpose(1, 2)
+        out = map_slices(lambda xs, s: conv.time_mix_conv(xs), frames5, 4, settings.strips(frames5.shape[4]))
         return rearrange(out, "b c t h w -> (b t) c h w")
+    return forward
 
-    def run_block(module, activations, prelude=None, **kwargs):
-        """Decoder-owned activations (a one-element list, so no frame keeps the old tensor alive)
-        are consumed in place, and an upsample is fused into the next block's frame chunks: a
-        level never holds its input and output at full size at once."""
-        if settings.group_ops and _is_video_resblock(module):
-            result = run_decoder_video_resblock(module, activations, settings, prelude=prelude,
-                                                consume_input=True, **kwargs)
+
+class FrameList:
+    """A (batch*frames, C, H, W) activation held as one tensor per frame."""
+
+    def __init__(self, frames: list, timesteps: Optional[int]):
+        self.frames = frames
+        self.timesteps = timesteps or len(frames)
+
+    def map_frames(self, fn: Callable, chunks: int):
+        """frames[s] = fn(cat(frames[s]), s) per chunk; each chunk's input is dropped before the next."""
+        for s in chunk_slices(len(self.frames), chunks):
+            xs = self.frames[s.start] if s.stop - s.start == 1 else torch.cat(self.frames[s])
+            self.frames[s] = [None] * (s.stop - s.start)
+            y = fn(xs, s)
+            del xs
+            self.frames[s] = list(y.split(1))
+            del y
+
+    def apply_whole(self, fn: Callable):
+        """For modules that are not known to be frame-local: the whole tensor at once."""
+        whole = torch.cat(self.frames)
+        self.frames.clear()
+        self.frames.extend(fn(whole).split(1))
+
+    def strip(self, s: slice) -> torch.Tensor:
+        """Columns `s` of every frame as (b, c, t, h, w)."""
+        return torch.cat([f[..., s] for f in self.frames]).unflatten(0, (-1, self.timesteps)).transpose(1, 2)
+
+    def strips(self, chunks: int):
+        return chunk_slices(self.frames[0].shape[-1], chunks)
+
+    def map_strips(self, fn: Callable, chunks: int):
+        """Columns s of every frame = fn(strip(s)): in place, or into new frames when fn changes
+        the dtype (as a blend with an fp32 mix factor does)."""
+        out = None
+        for s in self.strips(chunks):
+            y = fn(self.strip(s)).transpose(1, 2).flatten(0, 1)
+            if out is None:
+                out = self.frames if y.dtype == self.frames[0].dtype else [
+                    f.new_empty(f.shape, dtype=y.dtype) for f in self.frames]
+            for frame, column in zip(out, y):
+                frame[0, ..., s].copy_(column)
+            del y
+        self.frames[:] = out
+
+    def stack(self) -> torch.Tensor:
+        return torch.cat(self.frames)
+
+
+def run_video_resblock(block: nn.Module, h: FrameList, settings: SliceSettings, temb=None,
+                       skip_video=False, prelude: Optional[Callable] = None):
+    """One decoder VideoResBlock on a FrameList, grouped: `prelude` (a frame-local module, e.g. the
+    previous level's upsample) runs in the same frame chunks as the spatial half."""
+    spatial = parent_forward(block, "VideoResBlock")
+    batch = len(h.frames)
+    layers = [lambda xs, s: spatial(xs, slice_batch_aligned(temb, s, batch))]
+    if prelude is not None:
+        layers.insert(0, lambda xs, s: prelude(xs))
+    h.map_frames(chain(layers), settings.frames(batch))
+    if skip_video:
+        return
+    strips = settings.strips(h.frames[0].shape[-1])
+    temporal = TemporalResBlockStrips(block.time_stack, None)
+    temporal.prepare(lambda: (h.strip(s) for s in h.strips(strips)))
+    alpha = block.get_alpha(bs=batch // h.timesteps).to(h.frames[0].device)
+    h.map_strips(lambda xs: alpha * temporal(xs) + (1.0 - alpha) * xs, strips)
+
+
+def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callable:
+    """The decoder's own forward (same calls, same order) over a FrameList, with each upsample
+    fused into the next block's frame chunks and the head (norm_out, SiLU, conv_out's frame conv)
+    run per frame chunk, then conv_out's time conv in strips."""
+    nonlinearity = host_function(decoder, "nonlinearity")
+    frame_conv = parent_forward(decoder.conv_out, "AE3DConv")
+
+    def run_module(module, h: FrameList, prelude=None, **kwargs):
+        if derives_from(module, "VideoResBlock") and hasattr(module, "time_stack"):
+            run_video_resblock(module, h, settings, skip_video=kwargs.get("skip_video", False), prelude=prelude)
+            return
+        if prelude is not None:
+            h.map_frames(lambda xs, s: prelude(xs), settings.frames(len(h.frames)))
+        if type(module).__name__ in FRAME_LOCAL_MODULES:
+            h.map_frames(lambda xs, s: module(xs), settings.frames(len(h.frames)))
         else:
-            h = activations.pop()
-            result = module(prelude(h) if prelude is not None else h, None, **kwargs)
-        activations.append(result)
+            h.apply_whole(lambda x: module(x, **kwargs))
 
     def forward(z, **kwargs):
-        activations = [decoder.conv_in(z)]
-        run_block(decoder.mid.block_1, activations, **kwargs)
-        activations.append(decoder.mid.attn_1(activations.pop(), **kwargs))
-        run_block(decoder.mid.block_2, activations, **kwargs)
+        skip_video = kwargs.get("skip_video", False)
+        h = FrameList(list(decoder.conv_in(z).split(1)), kwargs.get("timesteps"))
+        run_module(decoder.mid.block_1, h, **kwargs)
+        run_module(decoder.mid.attn_1, h, **kwargs)
+        run_module(decoder.mid.block_2, h, **kwargs)
         pending_upsample = None
         for level in reversed(range(decoder.num_resolutions)):
             up = decoder.up[level]
             for index, module in enumerate(up.block):
-                run_block(module, activations, prelude=pending_upsample, **kwargs)
+                run_module(module, h, prelude=pending_upsample, **kwargs)
                 pending_upsample = None
                 if len(up.attn) > 0:
-                    activations.append(up.attn[index](activations.pop(), **kwargs))
+                    run_module(up.attn[index], h, **kwargs)
             if level != 0:
                 pending_upsample = type(up.upsample).forward.__get__(up.upsample)
-        h = activations.pop()
         if pending_upsample is not None:
-            h = pending_upsample(h)
+            h.map_frames(lambda xs, s: pending_upsample(xs), settings.frames(len(h.frames)))
         if decoder.give_pre_end:
-            return h
-        h = head(h, **kwargs)
-        return h.tanh() if decoder.tanh_out else h
+            return h.stack()
+        h.map_frames(lambda xs, s: frame_conv(nonlinearity(decoder.norm_out(xs))), settings.frames(len(h.frames)))
+        if not skip_video:
+            h.map_strips(decoder.conv_out.time_mix_conv, settings.strips(h.frames[0].shape[-1]))
+        out = h.stack()
+        return out.tanh() if decoder.tanh_out else out
     return forward
-
-
-def _is_video_resblock(module: nn.Module) -> bool:
-    return any(cls.__name__ == "VideoResBlock" for cls in type(module).__mro__) and hasattr(module, "time_stack")

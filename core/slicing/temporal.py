@@ -1,13 +1,16 @@
 """Pieces shared by the video blocks: the time-only ResBlock run in exact spatial strips, the
 alpha blend of spatial and temporal paths, and the parent-class forward of a video block."""
 import sys
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .group_norm import ExactGroupNorm
-from .slices import chunk_slices, take
+
+
+def derives_from(module: nn.Module, class_name: str) -> bool:
+    return any(cls.__name__ == class_name for cls in type(module).__mro__)
 
 
 def parent_forward(module: nn.Module, class_name: str) -> Callable:
@@ -58,11 +61,14 @@ class TemporalResBlockStrips:
             h = h + self.emb_out.type(h.dtype)
         return h
 
-    def prepare(self, x: torch.Tensor, dim: int, chunks: int):
-        self.in_norm.fit(x, dim, chunks)
+    def prepare(self, read_strips: Callable[[], Iterable[torch.Tensor]]):
+        """Gathers both norms' statistics; `read_strips()` yields the input's strips, read twice."""
+        self.in_norm.reset()
+        for strip in read_strips():
+            self.in_norm.accumulate(strip)
         self.out_norm.reset()
-        for s in chunk_slices(x.shape[dim], chunks):
-            self.out_norm.accumulate(self._first_half(take(x, dim, s)))
+        for strip in read_strips():
+            self.out_norm.accumulate(self._first_half(strip))
 
     def __call__(self, x: torch.Tensor, s: slice = None) -> torch.Tensor:
         h = self.block.out_layers[1:](self.out_norm(self._first_half(x)))
