@@ -141,7 +141,10 @@ def main():
 
 
 def end_to_end(memory):
-    """SVD img2vid 14f peak with weights: UNet weights + VAE weights + the larger activation peak."""
+    """SVD img2vid 14f with weights. Sampling needs the UNet's weights and activations, decoding the
+    VAE's; before the decode ComfyUI's model management (load_models_gpu -> free_memory) unloads the
+    UNet when VRAM is short, so the smallest card that runs the workflow needs the larger phase.
+    `all_resident`: both models' weights kept plus the larger activation peak."""
     def pick(part, method):
         return next(r for r in memory if r["part"] == part and r["frames"] == 14 and r["method"] == method)
     result = {}
@@ -149,8 +152,12 @@ def end_to_end(memory):
                                            ("streamline", "Slicer + Operator Grouper (auto)",
                                             "VAE Slicer (auto, grouped), all frames")]:
         unet, vae = pick("UNet", unet_method), pick("VAE decode", vae_method)
-        result[label] = unet["weights_gib"] + vae["weights_gib"] + max(unet["peak_gib"], vae["peak_gib"])
-        print(f"SVD img2vid 14f end-to-end peak, {label}: {result[label]:.2f} GiB")
+        phases = {"sampling_gib": unet["weights_gib"] + unet["peak_gib"],
+                  "decode_gib": vae["weights_gib"] + vae["peak_gib"],
+                  "all_resident_gib": unet["weights_gib"] + vae["weights_gib"] + max(unet["peak_gib"], vae["peak_gib"])}
+        phases["workflow_peak_gib"] = max(phases["sampling_gib"], phases["decode_gib"])
+        result[label] = phases
+        print(f"SVD img2vid 14f end-to-end, {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     return result
 
 

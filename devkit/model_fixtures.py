@@ -118,6 +118,34 @@ def build_wan_vae(size: str = "tiny", seed: int = 0):
                                 "decoder.head.0.gamma": torch.ones(dim, 1, 1, 1)}, seed)
 
 
+DIFFUSERS_SVD_UNET_CONFIGS = {  # "full" is diffusers' default: Stable Video Diffusion's UNet
+    "tiny": dict(in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                 up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                 addition_time_embed_dim=32, projection_class_embeddings_input_dim=96,
+                 cross_attention_dim=32, num_attention_heads=(2, 4)),
+    "full": dict(),
+}
+DIFFUSERS_SVD_VAE_CONFIGS = {  # "full": SVD's AutoencoderKLTemporalDecoder (diffusers' default)
+    "tiny": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=2),
+    "full": dict(),
+}
+
+
+def build_diffusers_svd_unet(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0):
+    from diffusers import UNetSpatioTemporalConditionModel
+    with torch.device(device):
+        unet = UNetSpatioTemporalConditionModel(**DIFFUSERS_SVD_UNET_CONFIGS[size]).to(dtype).eval()
+    return unet if device == "meta" else randomize_(unet, seed)
+
+
+def build_diffusers_svd_vae(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0):
+    from diffusers import AutoencoderKLTemporalDecoder
+    with torch.device(device):
+        vae = AutoencoderKLTemporalDecoder(**DIFFUSERS_SVD_VAE_CONFIGS[size]).to(dtype).eval()
+    return vae if device == "meta" else randomize_(vae, seed)
+
+
 def _save(state_dict: dict, path: Path, dtype) -> Path:
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)

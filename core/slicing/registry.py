@@ -5,6 +5,7 @@ from typing import Callable
 
 from torch import nn
 
+from .diffusers_svd import spatio_temporal_resblock_forward, time_conv_forward, transformer_spatio_temporal_forward
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
@@ -31,6 +32,20 @@ class BlockRule:
 
 def _forward(make_forward):
     return lambda module, settings: {"forward": make_forward(module, settings)}
+
+
+def _frame_local_children(*names):
+    """Patches for child modules (or numbered children of a ModuleList) that are frame-local."""
+    def make(module, settings):
+        patches = {}
+        for name in names:
+            child = getattr(module, name)
+            children = child.named_children() if isinstance(child, nn.ModuleList) else [("", child)]
+            for index, grandchild in children:
+                path = f"{name}.{index}" if index else name
+                patches[f"{path}.forward"] = frame_local_forward(grandchild, settings)
+        return patches
+    return make
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,23 @@ FAMILIES = (
                       _forward(frame_local_forward)),
         ),
     ),
+    Family(
+        "diffusers SVD (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder)",
+        signature=_is("SpatioTemporalResBlock", "spatial_res_block", "temporal_res_block"),
+        rules=(
+            BlockRule(_is("SpatioTemporalResBlock", "spatial_res_block", "temporal_res_block"),
+                      _forward(spatio_temporal_resblock_forward)),
+            BlockRule(_is("TransformerSpatioTemporalModel", "temporal_transformer_blocks"),
+                      _forward(transformer_spatio_temporal_forward)),
+            BlockRule(lambda m: type(m).__name__ in ("Upsample2D", "Downsample2D"), _forward(frame_local_forward)),
+            BlockRule(_is("MidBlockTemporalDecoder", "attentions"), _frame_local_children("attentions")),
+            BlockRule(_is("TemporalDecoder", "time_conv_out"),
+                      lambda m, s: {**_frame_local_children("conv_norm_out", "conv_out")(m, s),
+                                    "time_conv_out.forward": time_conv_forward(m.time_conv_out, s)}),
+            BlockRule(_is("UNetSpatioTemporalConditionModel", "conv_norm_out"),
+                      _frame_local_children("conv_norm_out", "conv_out")),
+        ),
+    ),
 )
 
 SUPPORTED = "; ".join(f.name for f in FAMILIES)
@@ -96,22 +128,45 @@ def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") 
 _INSTALLED = "_streamline_sliced_attributes"
 
 
-def apply_slicing(root: nn.Module, settings: SliceSettings) -> nn.Module:
-    """Slice a plain torch module in place (for use outside ComfyUI); `remove_slicing` undoes it."""
-    patches = slicing_patches(root, settings)
-    remove_slicing(root)
-    installed = []
-    for path, value in patches.items():
-        owner_path, _, attribute = path.rpartition(".")
-        owner = root.get_submodule(owner_path)
-        setattr(owner, attribute, value)
-        installed.append((owner, attribute))
-    setattr(root, _INSTALLED, installed)
-    return root
+def _models(target) -> list:
+    """The torch modules of `target`: itself, or the model components of a diffusers pipeline."""
+    if isinstance(target, nn.Module):
+        return [target]
+    components = getattr(target, "components", None)
+    if isinstance(components, dict):
+        return [m for m in components.values() if isinstance(m, nn.Module)]
+    raise TypeError(f"expected a torch module or a diffusers pipeline, got {type(target).__name__}")
 
 
-def remove_slicing(root: nn.Module) -> nn.Module:
-    for owner, attribute in getattr(root, _INSTALLED, ()):
-        owner.__dict__.pop(attribute, None)
-    root.__dict__.pop(_INSTALLED, None)
-    return root
+def apply_slicing(target, settings: SliceSettings):
+    """Slice a plain torch module, or every supported model of a diffusers pipeline (its UNet and
+    VAE), in place, for use outside ComfyUI; `remove_slicing` undoes it. Nothing is patched when
+    the target holds no supported model."""
+    plans = []
+    for model in _models(target):
+        try:
+            plans.append((model, slicing_patches(model, settings)))
+        except UnsupportedModelError:
+            if model is target:
+                raise
+    if not plans:
+        raise UnsupportedModelError(
+            f"{type(target).__name__} has no model with video blocks that Streamline can slice. Supported: {SUPPORTED}.")
+    for model, patches in plans:
+        remove_slicing(model)
+        installed = []
+        for path, value in patches.items():
+            owner_path, _, attribute = path.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            setattr(owner, attribute, value)
+            installed.append((owner, attribute))
+        setattr(model, _INSTALLED, installed)
+    return target
+
+
+def remove_slicing(target):
+    for model in _models(target):
+        for owner, attribute in getattr(model, _INSTALLED, ()):
+            owner.__dict__.pop(attribute, None)
+        model.__dict__.pop(_INSTALLED, None)
+    return target

@@ -67,7 +67,7 @@ def video_resblock_forward(block: nn.Module, settings: SliceSettings, handoff: O
         h = spatial_stage(handoff.pop() if handoff and x.shape[1] == 0 else (x, None), emb, batch)
         h5 = h.unflatten(0, (-1, num_video_frames)).transpose(1, 2)
         strips = settings.strips(h5.shape[4])
-        temporal = TemporalResBlockStrips(block.time_stack,
+        temporal = TemporalResBlockStrips.of_comfy(block.time_stack,
                                           rearrange(emb, "(b t) ... -> b t ...", t=num_video_frames))
         temporal.prepare(lambda: (take(h5, 4, s) for s in chunk_slices(h5.shape[4], strips)))
         alpha = block.time_mixer.get_alpha(image_only_indicator, h.device)

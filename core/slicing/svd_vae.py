@@ -33,7 +33,7 @@ def decoder_video_resblock_forward(block: nn.Module, settings: SliceSettings) ->
             return h
         h5 = h.unflatten(0, (-1, timesteps or batch)).transpose(1, 2)
         strips = settings.strips(h5.shape[4])
-        temporal = TemporalResBlockStrips(block.time_stack, None)
+        temporal = TemporalResBlockStrips.of_comfy(block.time_stack, None)
         temporal.prepare(lambda: (take(h5, 4, s) for s in chunk_slices(h5.shape[4], strips)))
         alpha = block.get_alpha(bs=h5.shape[0]).to(h.device)
         out = alpha * map_slices(temporal, h5, 4, strips) + (1.0 - alpha) * h5
@@ -116,7 +116,7 @@ def run_video_resblock(block: nn.Module, h: FrameList, settings: SliceSettings, 
     if skip_video:
         return
     strips = settings.strips(h.frames[0].shape[-1])
-    temporal = TemporalResBlockStrips(block.time_stack, None)
+    temporal = TemporalResBlockStrips.of_comfy(block.time_stack, None)
     temporal.prepare(lambda: (h.strip(s) for s in h.strips(strips)))
     alpha = block.get_alpha(bs=batch // h.timesteps).to(h.frames[0].device)
     h.map_strips(lambda xs: alpha * temporal(xs) + (1.0 - alpha) * xs, strips)

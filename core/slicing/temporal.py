@@ -40,23 +40,44 @@ def blend(alpha: torch.Tensor, x_spatial: torch.Tensor, x_temporal: torch.Tensor
 class TemporalResBlockStrips:
     """A ResBlock whose convolutions only mix frames (kernel [k, 1, 1] on b c t h w), run over
     strips of the last (width) axis. Both GroupNorms get the whole tensor's statistics: the first
-    from its input, the second by running the first half once more per strip."""
+    from its input, the second by running the first half once more per strip.
 
-    def __init__(self, block: nn.Module, emb: Optional[torch.Tensor]):
+    The block is given as its parts: norm -> `after_in_norm` (+ `emb_out`) -> norm -> `after_out_norm`,
+    plus `skip` of the input."""
+
+    def __init__(self, in_norm: nn.Module, after_in_norm: Callable, emb_out: Optional[torch.Tensor],
+                 out_norm: nn.Module, after_out_norm: Callable, skip: Callable):
+        self.in_norm, self.out_norm = ExactGroupNorm(in_norm), ExactGroupNorm(out_norm)
+        self.after_in_norm, self.after_out_norm, self.skip = after_in_norm, after_out_norm, skip
+        self.emb_out = emb_out
+
+    @classmethod
+    def of_comfy(cls, block: nn.Module, emb: Optional[torch.Tensor]) -> "TemporalResBlockStrips":
+        """ComfyUI's ResBlock (dims=3); `emb` is (b, t, C) or None."""
         if block.updown or block.use_scale_shift_norm:
             raise TypeError("only plain temporal ResBlocks (no up/down, no scale-shift norm) are sliced")
-        self.block = block
-        self.in_norm = ExactGroupNorm(block.in_layers[0])
-        self.out_norm = ExactGroupNorm(block.out_layers[0])
-        self.emb_out = None
+        emb_out = None
         if emb is not None and not block.skip_t_emb:
             emb_out = block.emb_layers(emb)
             while emb_out.ndim < 5:
                 emb_out = emb_out[..., None]
-            self.emb_out = emb_out.movedim(1, 2) if block.exchange_temb_dims else emb_out
+            emb_out = emb_out.movedim(1, 2) if block.exchange_temb_dims else emb_out
+        return cls(block.in_layers[0], block.in_layers[1:], emb_out, block.out_layers[0], block.out_layers[1:],
+                   block.skip_connection)
+
+    @classmethod
+    def of_diffusers(cls, block: nn.Module, temb: Optional[torch.Tensor]) -> "TemporalResBlockStrips":
+        """diffusers' TemporalResnetBlock; `temb` is (b, t, C) or None."""
+        act = block.nonlinearity
+        emb_out = None
+        if temb is not None and block.time_emb_proj is not None:
+            emb_out = block.time_emb_proj(act(temb))[:, :, :, None, None].permute(0, 2, 1, 3, 4)
+        return cls(block.norm1, lambda h: block.conv1(act(h)), emb_out, block.norm2,
+                   lambda h: block.conv2(block.dropout(act(h))),
+                   block.conv_shortcut if block.conv_shortcut is not None else (lambda x: x))
 
     def _first_half(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.block.in_layers[1:](self.in_norm(x))
+        h = self.after_in_norm(self.in_norm(x))
         if self.emb_out is not None:
             h = h + self.emb_out.type(h.dtype)
         return h
@@ -71,5 +92,4 @@ class TemporalResBlockStrips:
             self.out_norm.accumulate(self._first_half(strip))
 
     def __call__(self, x: torch.Tensor, s: slice = None) -> torch.Tensor:
-        h = self.block.out_layers[1:](self.out_norm(self._first_half(x)))
-        return self.block.skip_connection(x) + h
+        return self.skip(x) + self.after_out_norm(self.out_norm(self._first_half(x)))
