@@ -177,3 +177,82 @@ def test_sliced_model_samples_the_stock_latent_through_a_custom_guider(pack, svd
 
     grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 2, 2))
     assert relative_difference(sample_custom(grouped), sample_custom(svd_model)) <= SAMPLING_TOLERANCE
+
+
+def unet_forward(model, frames=6, height=5, width=7, seed=2):
+    """One UNet call of a loaded (patched) ModelPatcher, as ComfyUI's BaseModel makes it."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = 2 * frames
+    unet = model.model.diffusion_model
+    return unet(torch.randn(batch, 8, height, width, generator=generator), torch.full((batch,), 0.7),
+                context=torch.randn(batch, 1, SVD_CONTEXT_DIM, generator=generator),
+                y=torch.randn(batch, 768, generator=generator), num_video_frames=frames,
+                image_only_indicator=torch.zeros(2, frames))
+
+
+def test_sliced_model_runs_exactly_under_lowvram_offloading_with_weight_patches(pack, svd_model):
+    """--lowvram: every weight is cast per call and a LoRA-style diff on a temporal GroupNorm is
+    applied through the module's weight_function, which the exact GroupNorm must honour."""
+    import comfy.model_management
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    norm_key = "diffusion_model.input_blocks.1.0.time_stack.in_layers.0.weight"
+    patched = svd_model.clone()
+    delta = 0.5 * torch.randn(patched.get_model_object(norm_key).shape, generator=torch.Generator().manual_seed(4))
+    patched.add_patches({norm_key: (delta,)}, 1.0)
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, patched, 3, 2))
+    cpu = comfy.model_management.get_torch_device()
+    outputs = {}
+    for name, model in [("stock", svd_model), ("stock lowvram", patched), ("sliced lowvram", sliced)]:
+        model.patch_model(device_to=cpu, lowvram_model_memory=1 if "lowvram" in name else 0)
+        try:
+            norm = model.get_model_object(norm_key.rsplit(".", 1)[0])
+            if "lowvram" in name:
+                assert norm.comfy_cast_weights and len(norm.weight_function) == 1
+            with torch.inference_mode():
+                outputs[name] = unet_forward(model)
+        finally:
+            model.unpatch_model(cpu)
+    assert relative_difference(outputs["stock lowvram"], outputs["stock"]) > 1e-3  # the patch is applied
+    assert relative_difference(outputs["sliced lowvram"], outputs["stock lowvram"]) <= TOLERANCE
+
+
+def test_skip_fusion_runs_after_other_output_block_patches(pack, svd_model):
+    """A FreeU-style output_block_patch still sees the real h and skip, and changes the result the
+    same way with and without slicing."""
+    from comfyui_streamline.nodes.slicing import OperatorGrouper
+
+    def scale_skip(h, skip, transformer_options):
+        assert h.shape[1] > 0 and skip.shape[1] > 0
+        return h, skip * 0.5
+
+    def with_patch(model):
+        clone = model.clone()
+        clone.set_model_output_block_patch(scale_skip)
+        return clone
+    stock = sample(with_patch(svd_model))
+    assert relative_difference(stock, sample(svd_model)) > 1e-3
+    assert relative_difference(sample(with_patch(node_output(OperatorGrouper, svd_model))), stock) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample(node_output(OperatorGrouper, with_patch(svd_model))), stock) <= SAMPLING_TOLERANCE
+
+
+def test_sliced_vae_decodes_all_frames_in_one_batch_where_stock_splits_them(pack, svd_vae, monkeypatch):
+    """ComfyUI sizes decode batches from free memory: with room for the sliced decode of all frames
+    but not for stock's, stock cuts the temporal context and the VAE Slicer does not."""
+    import comfy.model_management
+    from comfyui_streamline.nodes.slicing import SLICED_DECODE_FIXED, SLICED_DECODE_PER_FRAME, VAESlicer
+
+    frames = 14
+    latent = torch.randn(frames, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    stock_per_frame = svd_vae.memory_used_decode(latent.shape, svd_vae.vae_dtype)
+    free = stock_per_frame * (SLICED_DECODE_FIXED + SLICED_DECODE_PER_FRAME * frames) * 1.01
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: free)
+    batches = {}
+    for name, vae in [("stock", svd_vae), ("sliced", node_output(VAESlicer, svd_vae, 0, 0, True))]:
+        sizes = batches[name] = []
+        decode = vae.first_stage_model.decode
+        monkeypatch.setattr(vae.first_stage_model, "decode", lambda z, **kw: (sizes.append(z.shape[0]), decode(z, **kw))[1])
+        vae.decode(latent)
+        monkeypatch.delattr(vae.first_stage_model, "decode")
+    assert batches["sliced"] == [frames]
+    assert len(batches["stock"]) > 1

@@ -4,15 +4,17 @@ from torch import nn
 
 
 def cast_affine(norm: nn.Module, name: str, like: torch.Tensor):
-    """A norm's weight or bias on the input's device and dtype, with host weight patches applied
-    (ComfyUI keeps weights offloaded in low-VRAM mode and lists patches in `<name>_function`)."""
+    """A norm's weight or bias (fp32) as the host's own forward sees it: cast to the input's device
+    and dtype, then host weight patches applied (ComfyUI keeps weights offloaded in low-VRAM mode and
+    lists patches in `<name>_function`; they patch in place, so they get a copy)."""
     value = getattr(norm, name, None)
     if value is None:
         return None
-    value = value.to(device=like.device, dtype=torch.float32)
-    for patch in getattr(norm, f"{name}_function", ()):
+    functions = getattr(norm, f"{name}_function", ())
+    value = value.to(device=like.device, dtype=like.dtype, copy=bool(functions))
+    for patch in functions:
         value = patch(value)
-    return value
+    return value.float()
 
 
 class ExactGroupNorm:

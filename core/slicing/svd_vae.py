@@ -55,6 +55,11 @@ def video_conv_forward(conv: nn.Module, settings: SliceSettings) -> Callable:
     return forward
 
 
+def _rows(x: torch.Tensor) -> list:
+    # plain slices, not split(): outside inference mode autograd forbids writing into split() views
+    return [x[i:i + 1] for i in range(x.shape[0])]
+
+
 class FrameList:
     """A (batch*frames, C, H, W) activation held as one tensor per frame."""
 
@@ -69,14 +74,14 @@ class FrameList:
             self.frames[s] = [None] * (s.stop - s.start)
             y = fn(xs, s)
             del xs
-            self.frames[s] = list(y.split(1))
+            self.frames[s] = _rows(y)
             del y
 
     def apply_whole(self, fn: Callable):
         """For modules that are not known to be frame-local: the whole tensor at once."""
         whole = torch.cat(self.frames)
         self.frames.clear()
-        self.frames.extend(fn(whole).split(1))
+        self.frames.extend(_rows(fn(whole)))
 
     def strip(self, s: slice) -> torch.Tensor:
         """Columns `s` of every frame as (b, c, t, h, w)."""
@@ -142,7 +147,7 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
 
     def forward(z, **kwargs):
         skip_video = kwargs.get("skip_video", False)
-        h = FrameList(list(decoder.conv_in(z).split(1)), kwargs.get("timesteps"))
+        h = FrameList(_rows(decoder.conv_in(z)), kwargs.get("timesteps"))
         run_module(decoder.mid.block_1, h, **kwargs)
         run_module(decoder.mid.attn_1, h, **kwargs)
         run_module(decoder.mid.block_2, h, **kwargs)
