@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
-from stock_peaks import FP16, GIB, RESULTS, svd_unet, svd_vae_decode  # noqa: E402
+from stock_peaks import FP16, GIB, RESULTS, measure, svd_unet, svd_vae_decode  # noqa: E402
 
 SETTINGS = {  # name -> SliceSettings arguments (None: stock)
     "stock": None,
@@ -44,7 +44,6 @@ def tiled_decode_peak(frames, tracker_cls):
                               upscale_ratio=8, output_device="cpu",
                               process_output=lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0))
         comfy.sd.VAE.decode_tiled_(vae, torch.empty(frames, 4, 72, 128, dtype=FP16), 64, 64, 8)
-    from stock_peaks import measure
     meta_vae = model_fixtures.build_svd_vae().first_stage_model.to("meta", FP16)
     return measure(meta_vae, forward, tracker_cls)
 
@@ -69,6 +68,26 @@ def memory_rows(tracker_cls):
                              weights_gib=weights / GIB))
         for row in rows[-8:]:
             print(f"{row['part']} {frames}f {row['method']}: {row['peak_gib']:.2f} GiB")
+    return rows
+
+
+def diffusers_rows(tracker_cls):
+    """The same core on diffusers' SVD classes (the setting of FME's paper), 14 frames."""
+    frames, rows = 14, []
+    for name, arguments in [("stock", None), ("Slicer + Operator Grouper (auto)", dict(group_ops=True))]:
+        def unet_forward(unet):
+            unet(torch.empty(2, frames, 8, 72, 128, dtype=FP16), torch.tensor(10.0),
+                 torch.empty(2, 1, 1024, dtype=FP16), torch.empty(2, 3, dtype=FP16))
+        unet = model_fixtures.build_diffusers_svd_unet("full", FP16, "meta")
+        peak, weights = measure(unet, unet_forward, tracker_cls, slicer(arguments))
+        rows.append(dict(part="diffusers UNet", frames=frames, method=name, peak_gib=peak / GIB, weights_gib=weights / GIB))
+        vae = model_fixtures.build_diffusers_svd_vae("full", FP16, "meta")
+        peak, weights = measure(vae, lambda v: v.decode(torch.empty(frames, 4, 72, 128, dtype=FP16), num_frames=frames),
+                                tracker_cls, slicer(arguments))
+        rows.append(dict(part="diffusers VAE decode", frames=frames, method=name, peak_gib=peak / GIB,
+                         weights_gib=weights / GIB))
+    for row in rows:
+        print(f"{row['part']} {frames}f {row['method']}: {row['peak_gib']:.2f} GiB")
     return rows
 
 
@@ -130,6 +149,7 @@ def main():
     from comfyui_streamline.core.memory_tracker import LiveStorageTracker
 
     memory = memory_rows(LiveStorageTracker)
+    memory += diffusers_rows(LiveStorageTracker)
     quality = quality_and_latency_rows()
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     summary = end_to_end(memory)
@@ -166,10 +186,11 @@ def plot(rows, machine):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, part in zip(axes, ("UNet", "VAE decode")):
-        selected = [r for r in rows if r["part"] == part]
-        labels = [f"{r['frames']}f {r['method']}" for r in selected][::-1]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1, 1, 0.6]})
+    for ax, part in zip(axes, ("UNet", "VAE decode", "diffusers")):
+        selected = [r for r in rows if r["part"] == part or (part == "diffusers" and r["part"].startswith(part))]
+        labels = [f"{r['frames']}f {r['part'].replace('diffusers ', '') + ' ' if part == 'diffusers' else ''}{r['method']}"
+                  for r in selected][::-1]
         ax.barh(labels, [r["peak_gib"] for r in selected][::-1],
                 color=["#c44e52" if "stock" in l or "Tiled" in l else "#4c72b0" for l in labels])
         ax.set_xlabel("activation peak (GiB)")

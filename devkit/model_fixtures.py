@@ -126,9 +126,10 @@ DIFFUSERS_SVD_UNET_CONFIGS = {  # "full" is diffusers' default: Stable Video Dif
                  cross_attention_dim=32, num_attention_heads=(2, 4)),
     "full": dict(),
 }
-DIFFUSERS_SVD_VAE_CONFIGS = {  # "full": SVD's AutoencoderKLTemporalDecoder (diffusers' default)
+DIFFUSERS_SVD_VAE_CONFIGS = {  # "full": stabilityai/stable-video-diffusion-img2vid's vae/config.json
     "tiny": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=2),
-    "full": dict(),
+    "full": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 layers_per_block=2, sample_size=768),
 }
 
 

@@ -1,11 +1,13 @@
 """diffusers' SVD blocks (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder): sliced
 forwards with the same exact scheme as ComfyUI's: spatial work in frame chunks, temporal work in
 width strips (ResNet) or bands of positions (transformer), GroupNorm statistics of the whole tensor."""
+import itertools
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .frame_list import FrameList, frame_rows, run_video_block
 from .settings import SliceSettings
 from .slices import chunk_slices, map_slices, run_stage, slice_batch_aligned, take
 from .temporal import TemporalResBlockStrips, host_function
@@ -78,6 +80,50 @@ def transformer_spatio_temporal_forward(block: nn.Module, settings: SliceSetting
             return (output,)
         return host_function(block, "TransformerTemporalModelOutput")(sample=output)
     return forward
+
+
+def temporal_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callable:
+    """TemporalDecoder's own forward (same calls, same order) over a FrameList: upsamplers fused
+    into the next block's frame chunks, the head (norm, SiLU, conv_out) per frame chunk, then
+    time_conv_out in strips."""
+    frame_local = settings.frames
+
+    def run_resblock(block, h, image_only_indicator, prelude):
+        temporal = TemporalResBlockStrips.of_diffusers(block.temporal_res_block, None)
+        run_video_block(h, lambda xs: block.spatial_res_block(xs, None), temporal,
+                        lambda xs, mixed: block.time_mixer(x_spatial=xs, x_temporal=mixed,
+                                                           image_only_indicator=image_only_indicator),
+                        settings, prelude)
+
+    def forward(sample, image_only_indicator, num_frames=1):
+        h = FrameList(frame_rows(decoder.conv_in(sample)), num_frames)
+        mid = decoder.mid_block
+        run_resblock(mid.resnets[0], h, image_only_indicator, None)
+        for resnet, attention in zip(mid.resnets[1:], mid.attentions):
+            h.map_frames(lambda xs, s, attention=attention: attention(xs), frame_local(len(h.frames)))
+            run_resblock(resnet, h, image_only_indicator, None)
+        upscale_dtype = next(itertools.chain(decoder.up_blocks.parameters(), decoder.up_blocks.buffers())).dtype
+        h.map_frames(lambda xs, s: xs.to(upscale_dtype), frame_local(len(h.frames)))
+        pending = []  # upsamplers waiting to run inside the next block's frame chunks
+        for up_block in decoder.up_blocks:
+            for resnet in up_block.resnets:
+                prelude = _sequence(pending)
+                pending = []
+                run_resblock(resnet, h, image_only_indicator, prelude)
+            pending = list(up_block.upsamplers or ())
+        modules = [*pending, decoder.conv_norm_out, decoder.conv_act, decoder.conv_out]
+        h.map_frames(lambda xs, s: _sequence(modules)(xs), frame_local(len(h.frames)))
+        h.map_strips(decoder.time_conv_out, settings.strips(h.frames[0].shape[-1]))
+        return h.stack()
+    return forward
+
+
+def _sequence(modules) -> Callable:
+    def run(x):
+        for module in modules:
+            x = module(x)
+        return x
+    return run if modules else None
 
 
 def time_conv_forward(conv: nn.Module, settings: SliceSettings) -> Callable:

@@ -5,7 +5,8 @@ from typing import Callable
 
 from torch import nn
 
-from .diffusers_svd import spatio_temporal_resblock_forward, time_conv_forward, transformer_spatio_temporal_forward
+from .diffusers_svd import (spatio_temporal_resblock_forward, temporal_decoder_forward, time_conv_forward,
+                            transformer_spatio_temporal_forward)
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
@@ -92,8 +93,9 @@ FAMILIES = (
             BlockRule(lambda m: type(m).__name__ in ("Upsample2D", "Downsample2D"), _forward(frame_local_forward)),
             BlockRule(_is("MidBlockTemporalDecoder", "attentions"), _frame_local_children("attentions")),
             BlockRule(_is("TemporalDecoder", "time_conv_out"),
-                      lambda m, s: {**_frame_local_children("conv_norm_out", "conv_out")(m, s),
-                                    "time_conv_out.forward": time_conv_forward(m.time_conv_out, s)}),
+                      lambda m, s: {"forward": temporal_decoder_forward(m, s)} if s.group_ops else {
+                          **_frame_local_children("conv_norm_out", "conv_out")(m, s),
+                          "time_conv_out.forward": time_conv_forward(m.time_conv_out, s)}),
             BlockRule(_is("UNetSpatioTemporalConditionModel", "conv_norm_out"),
                       _frame_local_children("conv_norm_out", "conv_out")),
         ),

@@ -4,19 +4,16 @@ Every frame keeps the full temporal context: spatial work runs in frame chunks, 
 convolutions in strips of the width axis with exact GroupNorm statistics.
 
 Feature Slicer alone patches each video block (`decoder_video_resblock_forward`, `video_conv_forward`).
-With operator grouping the decoder runs its own forward (`video_decoder_forward`) over a list of
-one-frame tensors: a frame-local stage replaces the frames one by one, so a level's input shrinks
-while its (larger) output grows, and a temporal stage gathers a width strip of every frame and
-writes it back in place. No activation of the decoder is ever held twice.
+With operator grouping the decoder runs its own forward (`video_decoder_forward`) over a FrameList.
 """
-from typing import Callable, Optional
+from typing import Callable
 
-import torch
 from einops import rearrange
 from torch import nn
 
 from .settings import SliceSettings
-from .slices import chain, chunk_slices, map_slices, run_stage, slice_batch_aligned, take
+from .frame_list import FrameList, frame_rows, run_video_block
+from .slices import chunk_slices, map_slices, slice_batch_aligned, take
 from .temporal import TemporalResBlockStrips, derives_from, host_function, parent_forward
 
 FRAME_LOCAL_MODULES = ("Upsample", "AttnBlock")  # ComfyUI classes that treat every frame on its own
@@ -55,78 +52,6 @@ def video_conv_forward(conv: nn.Module, settings: SliceSettings) -> Callable:
     return forward
 
 
-def _rows(x: torch.Tensor) -> list:
-    # plain slices, not split(): outside inference mode autograd forbids writing into split() views
-    return [x[i:i + 1] for i in range(x.shape[0])]
-
-
-class FrameList:
-    """A (batch*frames, C, H, W) activation held as one tensor per frame."""
-
-    def __init__(self, frames: list, timesteps: Optional[int]):
-        self.frames = frames
-        self.timesteps = timesteps or len(frames)
-
-    def map_frames(self, fn: Callable, chunks: int):
-        """frames[s] = fn(cat(frames[s]), s) per chunk; each chunk's input is dropped before the next."""
-        for s in chunk_slices(len(self.frames), chunks):
-            xs = self.frames[s.start] if s.stop - s.start == 1 else torch.cat(self.frames[s])
-            self.frames[s] = [None] * (s.stop - s.start)
-            y = fn(xs, s)
-            del xs
-            self.frames[s] = _rows(y)
-            del y
-
-    def apply_whole(self, fn: Callable):
-        """For modules that are not known to be frame-local: the whole tensor at once."""
-        whole = torch.cat(self.frames)
-        self.frames.clear()
-        self.frames.extend(_rows(fn(whole)))
-
-    def strip(self, s: slice) -> torch.Tensor:
-        """Columns `s` of every frame as (b, c, t, h, w)."""
-        return torch.cat([f[..., s] for f in self.frames]).unflatten(0, (-1, self.timesteps)).transpose(1, 2)
-
-    def strips(self, chunks: int):
-        return chunk_slices(self.frames[0].shape[-1], chunks)
-
-    def map_strips(self, fn: Callable, chunks: int):
-        """Columns s of every frame = fn(strip(s)): in place, or into new frames when fn changes
-        the dtype (as a blend with an fp32 mix factor does)."""
-        out = None
-        for s in self.strips(chunks):
-            y = fn(self.strip(s)).transpose(1, 2).flatten(0, 1)
-            if out is None:
-                out = self.frames if y.dtype == self.frames[0].dtype else [
-                    f.new_empty(f.shape, dtype=y.dtype) for f in self.frames]
-            for frame, column in zip(out, y):
-                frame[0, ..., s].copy_(column)
-            del y
-        self.frames[:] = out
-
-    def stack(self) -> torch.Tensor:
-        return torch.cat(self.frames)
-
-
-def run_video_resblock(block: nn.Module, h: FrameList, settings: SliceSettings, temb=None,
-                       skip_video=False, prelude: Optional[Callable] = None):
-    """One decoder VideoResBlock on a FrameList, grouped: `prelude` (a frame-local module, e.g. the
-    previous level's upsample) runs in the same frame chunks as the spatial half."""
-    spatial = parent_forward(block, "VideoResBlock")
-    batch = len(h.frames)
-    layers = [lambda xs, s: spatial(xs, slice_batch_aligned(temb, s, batch))]
-    if prelude is not None:
-        layers.insert(0, lambda xs, s: prelude(xs))
-    h.map_frames(chain(layers), settings.frames(batch))
-    if skip_video:
-        return
-    strips = settings.strips(h.frames[0].shape[-1])
-    temporal = TemporalResBlockStrips.of_comfy(block.time_stack, None)
-    temporal.prepare(lambda: (h.strip(s) for s in h.strips(strips)))
-    alpha = block.get_alpha(bs=batch // h.timesteps).to(h.frames[0].device)
-    h.map_strips(lambda xs: alpha * temporal(xs) + (1.0 - alpha) * xs, strips)
-
-
 def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callable:
     """The decoder's own forward (same calls, same order) over a FrameList, with each upsample
     fused into the next block's frame chunks and the head (norm_out, SiLU, conv_out's frame conv)
@@ -136,7 +61,11 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
 
     def run_module(module, h: FrameList, prelude=None, **kwargs):
         if derives_from(module, "VideoResBlock") and hasattr(module, "time_stack"):
-            run_video_resblock(module, h, settings, skip_video=kwargs.get("skip_video", False), prelude=prelude)
+            spatial = parent_forward(module, "VideoResBlock")
+            temporal = None if kwargs.get("skip_video") else TemporalResBlockStrips.of_comfy(module.time_stack, None)
+            alpha = module.get_alpha(bs=len(h.frames) // h.timesteps).to(h.frames[0].device)
+            run_video_block(h, lambda xs: spatial(xs, None), temporal,
+                            lambda xs, mixed: alpha * mixed + (1.0 - alpha) * xs, settings, prelude)
             return
         if prelude is not None:
             h.map_frames(lambda xs, s: prelude(xs), settings.frames(len(h.frames)))
@@ -147,7 +76,7 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
 
     def forward(z, **kwargs):
         skip_video = kwargs.get("skip_video", False)
-        h = FrameList(_rows(decoder.conv_in(z)), kwargs.get("timesteps"))
+        h = FrameList(frame_rows(decoder.conv_in(z)), kwargs.get("timesteps"))
         run_module(decoder.mid.block_1, h, **kwargs)
         run_module(decoder.mid.attn_1, h, **kwargs)
         run_module(decoder.mid.block_2, h, **kwargs)
