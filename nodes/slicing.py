@@ -16,8 +16,9 @@ SLICED_DECODE_FIXED, SLICED_DECODE_PER_FRAME = 0.4, 0.09
 
 FRAME_CHUNKS_TOOLTIP = ("Chunks of the batch x frames axis that spatial ops run in. 0 = auto (one frame "
                         "per chunk). More chunks: lower peak, more kernel launches.")
-STRIP_CHUNKS_TOOLTIP = ("Strips of the width axis that temporal ops run in. 0 = auto (8). Values larger "
-                        "than an axis are clamped to one column per strip, with a warning.")
+STRIP_CHUNKS_TOOLTIP = ("Strips of the width axis (bands of positions in temporal transformers) that temporal "
+                        "ops run in. 0 = auto (16 columns per strip). Values larger than an axis are clamped "
+                        "to one column per strip, with a warning.")
 
 
 def _chunk_inputs():
