@@ -1,7 +1,8 @@
 """Feature Slicer / Operator Grouper / VAE Slicer against stock ComfyUI 0.3.75, in one run.
 
 Memory: activation peaks of full-size SVD img2vid (UNet forward with CFG, temporal VAE decode),
-576x1024 fp16, under fake tensors with the dispatch-level live-storage tracker (SDPA attention).
+576x1024 fp16, under fake tensors with the dispatch-level live-storage tracker (SDPA attention); the
+offloaded decode runs on a fake "cuda" device and counts GPU storage only.
 Output differences and CPU latency: real tensors on the tiny SVD UNet and the real-size temporal VAE
 at a reduced resolution with random weights (the micro SVD UNet: 64 channels, two levels). Writes bench/results/slicing_peaks.json and .png."""
 import json
@@ -61,12 +62,14 @@ def memory_rows(tracker_cls):
             "VAEDecodeTiled 512/64 (no context)": lambda: tiled_decode_peak(frames, tracker_cls),
             "VAE Slicer (auto, grouped), all frames": lambda: svd_vae_decode(
                 frames, tracker_cls, slicer(dict(group_ops=True))),
+            "VAE Slicer + offload_frames (GPU side), all frames": lambda: svd_vae_decode(
+                frames, tracker_cls, slicer(dict(group_ops=True, offload_frames=True)), device="cuda"),
         }
         for name, run in decode_methods.items():
             peak, weights = run()
             rows.append(dict(part="VAE decode", frames=frames, method=name, peak_gib=peak / GIB,
                              weights_gib=weights / GIB))
-        for row in rows[-8:]:
+        for row in rows[-9:]:
             print(f"{row['part']} {frames}f {row['method']}: {row['peak_gib']:.2f} GiB")
     return rows
 

@@ -20,15 +20,16 @@ GIB = 1024 ** 3
 FP16, BF16 = torch.float16, torch.bfloat16
 
 
-def measure(meta_module, forward, tracker_cls, prepare=None):
-    """(activation peak, weight bytes) of `forward(module)` on fake copies of a meta-built module,
-    after `prepare(module)` (e.g. installing slicing) when given."""
+def measure(meta_module, forward, tracker_cls, prepare=None, device="cpu"):
+    """(activation peak, weight bytes) of `forward(module)` on fake copies of a meta-built module on
+    `device`, after `prepare(module)` (e.g. installing slicing) when given. On "cuda" (fake tensors
+    need no GPU) only GPU storage is counted, as torch.cuda's peak statistics would."""
     with FakeTensorMode():
-        module = model_fixtures.materialize_fake(meta_module)
+        module = model_fixtures.materialize_fake(meta_module, device)
         if prepare is not None:
             prepare(module)
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
-        with torch.inference_mode(), tracker_cls() as tracker:
+        with torch.inference_mode(), tracker_cls(device if device != "cpu" else None) as tracker:
             forward(module)
     return tracker.peak, weights
 
@@ -43,9 +44,10 @@ def svd_unet(frames, tracker_cls, prepare=None):
     return measure(model_fixtures.build_svd("full", FP16, "meta").diffusion_model, forward, tracker_cls, prepare)
 
 
-def svd_vae_decode(frames, tracker_cls, prepare=None):
+def svd_vae_decode(frames, tracker_cls, prepare=None, device="cpu"):
     vae = model_fixtures.build_svd_vae().first_stage_model.to("meta", FP16)
-    return measure(vae, lambda v: v.decode(torch.empty(frames, 4, 72, 128, dtype=FP16)), tracker_cls, prepare)
+    return measure(vae, lambda v: v.decode(torch.empty(frames, 4, 72, 128, dtype=FP16, device=device)),
+                   tracker_cls, prepare, device)
 
 
 def wan(size, frames, batch, tracker_cls):

@@ -15,8 +15,11 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveStorageTracker(TorchDispatchMode):
-    def __init__(self):
+    """`device_type` ("cuda", "cpu", ...) counts only storage on that kind of device."""
+
+    def __init__(self, device_type: str | None = None):
         super().__init__()
+        self.device_type = device_type
         self._views: dict[int, set[int]] = {}  # storage key -> ids of live tensors viewing it
         self._sizes: dict[int, int] = {}
         self.current = 0
@@ -36,6 +39,8 @@ class LiveStorageTracker(TorchDispatchMode):
                 self._add(tensor)
 
     def _add(self, tensor: torch.Tensor) -> None:
+        if self.device_type is not None and tensor.device.type != self.device_type:
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata  # the StorageImpl's address: unique while alive, also for fake/meta storage
         views = self._views.get(key)

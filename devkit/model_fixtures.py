@@ -87,10 +87,11 @@ def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed
     return _build(sm.WAN21_T2V, WAN_CONFIGS[size], dtype, device, seed)
 
 
-def materialize_fake(module: torch.nn.Module) -> torch.nn.Module:
-    """Gives a meta-built module fake CPU weights. Call inside a FakeTensorMode: shapes, dtypes and
-    storage sizes are real, memory is not used, so full-size forwards run on any machine."""
-    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
+def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
+    """Gives a meta-built module fake weights on `device`. Call inside a FakeTensorMode: shapes,
+    dtypes and storage sizes are real, memory is not used, so full-size forwards run on any machine
+    (also as if on a GPU: fake "cuda" tensors need no GPU)."""
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def _vae_from_detection(marker_sd: dict, seed: int):

@@ -142,8 +142,8 @@ def test_vae_slicer_decodes_the_stock_frames_with_full_temporal_context(pack, sv
     latent = torch.randn(frames, 4, height, width, generator=torch.Generator().manual_seed(frames))
     with torch.inference_mode():
         stock = svd_vae.first_stage_model.decode(latent)  # every frame at once: full temporal context
-        for frame_chunks, strip_chunks, group_ops in [(3, 5, True), (0, 0, False)]:
-            sliced_vae = node_output(VAESlicer, svd_vae, frame_chunks, strip_chunks, group_ops)
+        for settings in [(3, 5, True, False), (0, 0, False, False), (0, 0, True, True)]:
+            sliced_vae = node_output(VAESlicer, svd_vae, *settings)
             decoded = sliced_vae.decode(latent)
             assert decoded.shape == (frames, height * 8, width * 8, 3)
             expected = svd_vae.process_output(stock).movedim(1, -1)
@@ -156,7 +156,7 @@ def test_vae_slicer_rejects_a_vae_without_a_video_decoder(pack):
     from devkit.model_fixtures import build_wan_vae
 
     with pytest.raises(ValueError, match="VAE Slicer: .* Supported: SVD"):
-        VAESlicer.execute(build_wan_vae("tiny"), 0, 0, True)
+        VAESlicer.execute(build_wan_vae("tiny"), 0, 0, True, False)
 
 
 def test_sliced_model_samples_the_stock_latent_through_a_custom_guider(pack, svd_model):
@@ -240,15 +240,16 @@ def test_sliced_vae_decodes_all_frames_in_one_batch_where_stock_splits_them(pack
     """ComfyUI sizes decode batches from free memory: with room for the sliced decode of all frames
     but not for stock's, stock cuts the temporal context and the VAE Slicer does not."""
     import comfy.model_management
-    from comfyui_streamline.nodes.slicing import SLICED_DECODE_FIXED, SLICED_DECODE_PER_FRAME, VAESlicer
+    from comfyui_streamline.nodes.slicing import SLICED_DECODE_COST, VAESlicer
 
     frames = 14
     latent = torch.randn(frames, 4, 3, 5, generator=torch.Generator().manual_seed(0))
     stock_per_frame = svd_vae.memory_used_decode(latent.shape, svd_vae.vae_dtype)
-    free = stock_per_frame * (SLICED_DECODE_FIXED + SLICED_DECODE_PER_FRAME * frames) * 1.01
+    fixed, per_frame = SLICED_DECODE_COST[False]
+    free = stock_per_frame * (fixed + per_frame * frames) * 1.01
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: free)
     batches = {}
-    for name, vae in [("stock", svd_vae), ("sliced", node_output(VAESlicer, svd_vae, 0, 0, True))]:
+    for name, vae in [("stock", svd_vae), ("sliced", node_output(VAESlicer, svd_vae, 0, 0, True, False))]:
         sizes = batches[name] = []
         decode = vae.first_stage_model.decode
         monkeypatch.setattr(vae.first_stage_model, "decode", lambda z, **kw: (sizes.append(z.shape[0]), decode(z, **kw))[1])

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .frame_list import FrameList, frame_rows, run_video_block
+from .frame_list import FrameList, run_video_block
 from .settings import SliceSettings
 from .slices import chunk_slices, map_slices, run_stage, slice_batch_aligned, take
 from .temporal import TemporalResBlockStrips, host_function
@@ -96,7 +96,7 @@ def temporal_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Cal
                         settings, prelude)
 
     def forward(sample, image_only_indicator, num_frames=1):
-        h = FrameList(frame_rows(decoder.conv_in(sample)), num_frames)
+        h = FrameList(decoder.conv_in(sample), num_frames, settings.frame_store)
         mid = decoder.mid_block
         run_resblock(mid.resnets[0], h, image_only_indicator, None)
         for resnet, attention in zip(mid.resnets[1:], mid.attentions):

@@ -20,31 +20,39 @@ def frame_rows(x: torch.Tensor) -> list:
 
 
 class FrameList:
-    """A (batch*frames, C, H, W) activation held as one tensor per frame."""
+    """A (batch*frames, C, H, W) activation held as one tensor per frame, on the compute device or,
+    with `store` (host memory), off it: each chunk or strip then visits the compute device only
+    while it is worked on."""
 
-    def __init__(self, frames: list, timesteps: Optional[int]):
-        self.frames = frames
-        self.timesteps = timesteps or len(frames)
+    def __init__(self, x: torch.Tensor, timesteps: Optional[int], store: Optional[torch.device] = None):
+        self.device = x.device
+        self.store = store or x.device
+        self.timesteps = timesteps or x.shape[0]
+        self.frames = self._keep(x)
+
+    def _keep(self, y: torch.Tensor) -> list:
+        return frame_rows(y.to(self.store))
 
     def map_frames(self, fn: Callable, chunks: int):
         """frames[s] = fn(cat(frames[s]), s) per chunk; each chunk's input is dropped before the next."""
         for s in chunk_slices(len(self.frames), chunks):
             xs = self.frames[s.start] if s.stop - s.start == 1 else torch.cat(self.frames[s])
             self.frames[s] = [None] * (s.stop - s.start)
-            y = fn(xs, s)
+            y = fn(xs.to(self.device), s)
             del xs
-            self.frames[s] = frame_rows(y)
+            self.frames[s] = self._keep(y)
             del y
 
     def apply_whole(self, fn: Callable):
         """For modules that are not known to be frame-local: the whole tensor at once."""
-        whole = torch.cat(self.frames)
+        whole = torch.cat(self.frames).to(self.device)
         self.frames.clear()
-        self.frames.extend(frame_rows(fn(whole)))
+        self.frames.extend(self._keep(fn(whole)))
 
     def strip(self, s: slice) -> torch.Tensor:
-        """Columns `s` of every frame as (b, c, t, h, w)."""
-        return torch.cat([f[..., s] for f in self.frames]).unflatten(0, (-1, self.timesteps)).transpose(1, 2)
+        """Columns `s` of every frame as (b, c, t, h, w), on the compute device."""
+        columns = torch.cat([f[..., s] for f in self.frames]).to(self.device)
+        return columns.unflatten(0, (-1, self.timesteps)).transpose(1, 2)
 
     def strips(self, chunks: int):
         return chunk_slices(self.frames[0].shape[-1], chunks)
@@ -64,7 +72,7 @@ class FrameList:
         self.frames[:] = out
 
     def stack(self) -> torch.Tensor:
-        return torch.cat(self.frames)
+        return torch.cat(self.frames).to(self.device)
 
 
 def run_video_block(h: FrameList, spatial: Callable, temporal: Optional[TemporalResBlockStrips],

@@ -1,6 +1,9 @@
 """The one settings object shared by the nodes, the planner and the plain-torch API."""
 import logging
 from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -17,16 +20,23 @@ class SliceSettings:
     strip_chunks: chunks of the spatial axis for temporal ops (0 = strips 16 columns wide, and
         bands of 65536 position-channels per frame for temporal transformers).
     group_ops: run chains of ops slice by slice (Operator Grouper) instead of one op at a time.
+    offload_frames: grouped video decoders keep their per-frame activations in host memory and
+        bring each frame chunk or strip to the compute device only while it is worked on.
     """
     frame_chunks: int = AUTO
     strip_chunks: int = AUTO
     group_ops: bool = False
+    offload_frames: bool = False
 
     def __post_init__(self):
         for name in ("frame_chunks", "strip_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0 (0 = auto), got {value!r}")
+
+    @property
+    def frame_store(self) -> Optional[torch.device]:
+        return torch.device("cpu") if self.offload_frames else None
 
     def merged(self, **changes) -> "SliceSettings":
         return replace(self, **changes)

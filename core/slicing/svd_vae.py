@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from .settings import SliceSettings
-from .frame_list import FrameList, frame_rows, run_video_block
+from .frame_list import FrameList, run_video_block
 from .slices import chunk_slices, map_slices, slice_batch_aligned, take
 from .temporal import TemporalResBlockStrips, derives_from, host_function, parent_forward
 
@@ -63,7 +63,7 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
         if derives_from(module, "VideoResBlock") and hasattr(module, "time_stack"):
             spatial = parent_forward(module, "VideoResBlock")
             temporal = None if kwargs.get("skip_video") else TemporalResBlockStrips.of_comfy(module.time_stack, None)
-            alpha = module.get_alpha(bs=len(h.frames) // h.timesteps).to(h.frames[0].device)
+            alpha = module.get_alpha(bs=len(h.frames) // h.timesteps).to(h.device)
             run_video_block(h, lambda xs: spatial(xs, None), temporal,
                             lambda xs, mixed: alpha * mixed + (1.0 - alpha) * xs, settings, prelude)
             return
@@ -76,7 +76,7 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
 
     def forward(z, **kwargs):
         skip_video = kwargs.get("skip_video", False)
-        h = FrameList(frame_rows(decoder.conv_in(z)), kwargs.get("timesteps"))
+        h = FrameList(decoder.conv_in(z), kwargs.get("timesteps"), settings.frame_store)
         run_module(decoder.mid.block_1, h, **kwargs)
         run_module(decoder.mid.attn_1, h, **kwargs)
         run_module(decoder.mid.block_2, h, **kwargs)
