@@ -171,9 +171,11 @@ def end_to_end(memory):
     def pick(part, method):
         return next(r for r in memory if r["part"] == part and r["frames"] == 14 and r["method"] == method)
     result = {}
-    for label, unet_method, vae_method in [("stock", "stock", "stock, all frames at once"),
-                                           ("streamline", "Slicer + Operator Grouper (auto)",
-                                            "VAE Slicer (auto, grouped), all frames")]:
+    for label, unet_method, vae_method in [
+            ("stock", "stock", "stock, all frames at once"),
+            ("streamline", "Slicer + Operator Grouper (auto)", "VAE Slicer (auto, grouped), all frames"),
+            ("streamline, offload_frames", "Slicer + Operator Grouper (auto)",
+             "VAE Slicer + offload_frames (GPU side), all frames")]:
         unet, vae = pick("UNet", unet_method), pick("VAE decode", vae_method)
         phases = {"sampling_gib": unet["weights_gib"] + unet["peak_gib"],
                   "decode_gib": vae["weights_gib"] + vae["peak_gib"],

@@ -1,0 +1,101 @@
+"""Feature Slicer / Operator Grouper / VAE Slicer on a real GPU, stock vs sliced in one run: peak
+memory from torch.cuda statistics (activations: the peak above what was allocated before the call),
+latency from CUDA-synchronised wall time, and the output difference. Full-size SVD img2vid (ComfyUI's
+classes, random weights), 576x1024 fp16, 14 frames. Writes bench/results/slicing_gpu.json.
+
+Needs CUDA. `--smoke` runs the same code on the micro UNet and small latents on whatever device is
+present (a check of the script, not a measurement)."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devkit import model_fixtures  # noqa: E402
+from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GIB = 1024 ** 3
+UNET_SETTINGS = {"stock": None, "Feature Slicer (auto)": dict(group_ops=False),
+                 "Slicer + Operator Grouper (auto)": dict(group_ops=True)}
+VAE_SETTINGS = {"stock, all frames at once": None, "VAE Slicer (auto, grouped)": dict(group_ops=True),
+                "VAE Slicer + offload_frames": dict(group_ops=True, offload_frames=True)}
+
+
+def measured(run, device, repeats):
+    """(output, seconds per call, activation peak in bytes or None off CUDA)."""
+    run()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        output = run()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / repeats
+    return output, seconds, (torch.cuda.max_memory_allocated() - before) if cuda else None
+
+
+def compare(module, run, settings_table, device, repeats, part):
+    from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing
+
+    rows, reference = [], None
+    for method, arguments in settings_table.items():
+        if arguments is not None:
+            apply_slicing(module, SliceSettings(**arguments))
+        try:
+            output, seconds, peak = measured(run, device, repeats)
+        finally:
+            remove_slicing(module)
+        if reference is None:
+            reference, stock_seconds = output, seconds
+        rows.append(dict(part=part, method=method, seconds=seconds, time_ratio=seconds / stock_seconds,
+                         peak_gib=None if peak is None else peak / GIB,
+                         max_abs_diff=((output.float() - reference.float()).abs().max()
+                                       / reference.float().abs().max()).item()))
+        print(rows[-1])
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    smoke = parser.parse_args().smoke
+    import_comfyui()
+    import_pack()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not smoke:
+        sys.exit("bench/slicing_gpu.py needs a CUDA GPU (use --smoke to check the script elsewhere)")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    frames, (height, width), repeats = (14, (72, 128), 3) if not smoke else (5, (6, 8), 1)
+    batch = 2 * frames
+
+    unet = model_fixtures.build_svd("micro" if smoke else "full", dtype, str(device)).diffusion_model
+    inputs = [torch.randn(batch, 8, height, width, device=device, dtype=dtype), torch.full((batch,), 0.5, device=device),
+              torch.randn(batch, 1, 1024, device=device, dtype=dtype), torch.randn(batch, 768, device=device, dtype=dtype)]
+    indicator = torch.zeros(2, frames, device=device, dtype=dtype)
+    with torch.inference_mode():
+        rows = compare(unet, lambda: unet(*inputs[:2], context=inputs[2], y=inputs[3], num_video_frames=frames,
+                                          image_only_indicator=indicator),
+                       UNET_SETTINGS, device, repeats, f"UNet {frames}f CFG {height * 8}x{width * 8}")
+        del unet
+        vae = model_fixtures.build_svd_vae().first_stage_model.to(device, dtype)
+        latent = torch.randn(frames, 4, height, width, device=device, dtype=dtype)
+        rows += compare(vae, lambda: vae.decode(latent), VAE_SETTINGS, device, repeats,
+                        f"VAE decode {frames}f {height * 8}x{width * 8}")
+    if smoke:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "slicing_gpu.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
