@@ -51,7 +51,8 @@ def compare(module, run, settings_table, device, repeats, part):
         if arguments is not None:
             apply_slicing(module, SliceSettings(**arguments))
         try:
-            output, seconds, peak = measured(run, device, repeats)
+            with torch.inference_mode():
+                output, seconds, peak = measured(run, device, repeats)
         finally:
             remove_slicing(module)
         if reference is None:
@@ -62,6 +63,17 @@ def compare(module, run, settings_table, device, repeats, part):
                                        / reference.float().abs().max()).item()))
         print(rows[-1])
     return rows
+
+
+def unet_rows(smoke, device, dtype, frames, height, width, repeats):
+    batch = 2 * frames  # classifier-free guidance
+    unet = model_fixtures.build_svd("micro" if smoke else "full", dtype, str(device)).diffusion_model
+    x, t = torch.randn(batch, 8, height, width, device=device, dtype=dtype), torch.full((batch,), 0.5, device=device)
+    context = torch.randn(batch, 1, 1024, device=device, dtype=dtype)
+    y = torch.randn(batch, 768, device=device, dtype=dtype)
+    indicator = torch.zeros(2, frames, device=device, dtype=dtype)
+    return compare(unet, lambda: unet(x, t, context=context, y=y, num_video_frames=frames, image_only_indicator=indicator),
+                   UNET_SETTINGS, device, repeats, f"UNet {frames}f CFG {height * 8}x{width * 8}")
 
 
 def main():
@@ -75,21 +87,12 @@ def main():
         sys.exit("bench/slicing_gpu.py needs a CUDA GPU (use --smoke to check the script elsewhere)")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     frames, (height, width), repeats = (14, (72, 128), 3) if not smoke else (5, (6, 8), 1)
-    batch = 2 * frames
 
-    unet = model_fixtures.build_svd("micro" if smoke else "full", dtype, str(device)).diffusion_model
-    inputs = [torch.randn(batch, 8, height, width, device=device, dtype=dtype), torch.full((batch,), 0.5, device=device),
-              torch.randn(batch, 1, 1024, device=device, dtype=dtype), torch.randn(batch, 768, device=device, dtype=dtype)]
-    indicator = torch.zeros(2, frames, device=device, dtype=dtype)
-    with torch.inference_mode():
-        rows = compare(unet, lambda: unet(*inputs[:2], context=inputs[2], y=inputs[3], num_video_frames=frames,
-                                          image_only_indicator=indicator),
-                       UNET_SETTINGS, device, repeats, f"UNet {frames}f CFG {height * 8}x{width * 8}")
-        del unet
-        vae = model_fixtures.build_svd_vae().first_stage_model.to(device, dtype)
-        latent = torch.randn(frames, 4, height, width, device=device, dtype=dtype)
-        rows += compare(vae, lambda: vae.decode(latent), VAE_SETTINGS, device, repeats,
-                        f"VAE decode {frames}f {height * 8}x{width * 8}")
+    rows = unet_rows(smoke, device, dtype, frames, height, width, repeats)
+    vae = model_fixtures.build_svd_vae().first_stage_model.to(device, dtype)
+    latent = torch.randn(frames, 4, height, width, device=device, dtype=dtype)
+    rows += compare(vae, lambda: vae.decode(latent), VAE_SETTINGS, device, repeats,
+                    f"VAE decode {frames}f {height * 8}x{width * 8}")
     if smoke:
         return
     RESULTS.mkdir(exist_ok=True)

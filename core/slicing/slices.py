@@ -48,22 +48,6 @@ def chain(layers: Sequence[SliceFn]) -> SliceFn:
     return run
 
 
-def consume_rows(fn: SliceFn, rows: list, chunks: int) -> torch.Tensor:
-    """out[s] = fn(cat(rows[s]), s) over chunks of a list of one-row tensors, each row dropped from
-    the list once its chunk has been read, so the input's memory shrinks as the output grows."""
-    out = None
-    for s in chunk_slices(len(rows), chunks):
-        xs = torch.cat(rows[s])
-        rows[s] = [None] * (s.stop - s.start)
-        y = fn(xs, s)
-        del xs
-        if out is None:
-            out = y.new_empty((len(rows), *y.shape[1:]))
-        out[s].copy_(y)
-        del y
-    return out
-
-
 def run_stage(layers: Sequence[SliceFn], x: torch.Tensor, dim: int, chunks: int, grouped: bool,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run consecutive layers that slice along the same axis.
