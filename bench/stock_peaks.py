@@ -50,11 +50,11 @@ def svd_vae_decode(frames, tracker_cls, prepare=None, device="cpu"):
                    tracker_cls, prepare, device)
 
 
-def wan(size, frames, batch, tracker_cls):
+def wan(size, frames, batch, tracker_cls, prepare=None):
     def forward(model):
         model(torch.empty(batch, 16, (frames - 1) // 4 + 1, 60, 104, dtype=BF16),  # 480x832
               torch.empty(batch, dtype=BF16), torch.empty(batch, 512, 4096, dtype=BF16))
-    return measure(model_fixtures.build_wan(size, BF16, "meta").diffusion_model, forward, tracker_cls)
+    return measure(model_fixtures.build_wan(size, BF16, "meta").diffusion_model, forward, tracker_cls, prepare)
 
 
 WORKLOADS = {

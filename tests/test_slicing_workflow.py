@@ -62,14 +62,37 @@ def test_negative_chunks_are_rejected_by_prompt_validation(comfy_server):
     assert "frame_chunks" in str(rejected.value.body)
 
 
-def test_slicer_on_an_unsupported_model_fails_clearly_and_the_next_prompt_runs(comfy_server):
+def test_vae_slicer_on_an_unsupported_vae_fails_clearly_and_the_next_prompt_runs(comfy_server):
     wan = load_workflow("demo_wan21_t2v_tiny.api.json")
-    sampler = next(k for k, v in wan.items() if v["class_type"] == "KSampler")
-    wan["90"] = {"class_type": "StreamlineFeatureSlicer",
-                 "inputs": {"model": wan[sampler]["inputs"]["model"], "frame_chunks": 0, "strip_chunks": 0}}
-    wan[sampler]["inputs"]["model"] = ["90", 0]
+    decode = next(k for k, v in wan.items() if v["class_type"] == "VAEDecode")
+    wan["90"] = {"class_type": "StreamlineVAESlicer",
+                 "inputs": {"vae": wan[decode]["inputs"]["vae"], "frame_chunks": 0, "strip_chunks": 0,
+                            "group_ops": True, "offload_frames": False}}
+    wan[decode]["inputs"]["vae"] = ["90", 0]
     failed = comfy_server.run(wan)
     assert failed.status == "error"
+    assert "VAE Slicer: " in failed.error["exception_message"]
     assert "no video blocks that Streamline can slice" in failed.error["exception_message"]
     assert "Traceback" not in failed.error["exception_message"]
     assert comfy_server.run(load_workflow("demo_svd_img2vid_tiny.api.json")).status == "success"
+
+
+def test_sliced_wan_workflow_matches_the_same_workflow_without_the_nodes(comfy_server):
+    def with_slicing(prompt):
+        sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+        prompt["90"] = {"class_type": "StreamlineFeatureSlicer",
+                        "inputs": {"model": prompt[sampler]["inputs"]["model"], "frame_chunks": 3, "strip_chunks": 0}}
+        prompt["91"] = {"class_type": "StreamlineOperatorGrouper", "inputs": {"model": ["90", 0]}}
+        prompt[sampler]["inputs"]["model"] = ["91", 0]
+        for node in prompt.values():
+            if "filename_prefix" in node["inputs"]:
+                node["inputs"]["filename_prefix"] += "_sliced"
+        return prompt
+
+    stock = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    sliced = comfy_server.run(with_slicing(load_workflow("demo_wan21_t2v_tiny.api.json")))
+    assert stock.status == "success" and sliced.status == "success", sliced.error
+    latents = [load_file(next(p for p in r.files(comfy_server.output_dir) if p.suffix == ".latent"))["latent_tensor"]
+               for r in (stock, sliced)]
+    assert latents[0].shape == latents[1].shape
+    assert ((latents[1] - latents[0]).abs().max() / latents[0].abs().max()).item() <= 1e-4

@@ -12,6 +12,7 @@ from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
 from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
 from .temporal import derives_from
+from .wan import wan_block_forward
 
 
 class UnsupportedModelError(ValueError):
@@ -80,6 +81,13 @@ FAMILIES = (
             BlockRule(_is("AE3DConv", "time_mix_conv"), _forward(video_conv_forward)),
             BlockRule(lambda m: type(m).__name__ in FRAME_LOCAL_MODULES and not hasattr(m, "dims"),
                       _forward(frame_local_forward)),
+        ),
+    ),
+    Family(
+        "Wan 2.1 / 2.2 DiT (ComfyUI wan/model.py: WanAttentionBlock)",
+        signature=_is("WanAttentionBlock", "self_attn", "cross_attn", "ffn", "modulation"),
+        rules=(  # subclasses (VACE, audio) change the forward's signature: only the plain block
+            BlockRule(lambda m: type(m).__name__ == "WanAttentionBlock", _forward(wan_block_forward)),
         ),
     ),
     Family(

@@ -1,0 +1,54 @@
+"""Feature Slicer and Operator Grouper on ComfyUI's Wan DiT: token chunks, exact against stock,
+through the node classes and ComfyUI's sampling."""
+import pytest
+import torch
+
+from devkit.model_fixtures import WAN_TEXT_DIM, build_wan
+from test_slicing_nodes import SAMPLING_TOLERANCE, TOLERANCE, node_output, patcher, relative_difference
+
+
+@pytest.fixture(scope="module")
+def wan_model(pack):
+    return patcher(build_wan("tiny"))
+
+
+def wan_forward(model, frames, height, width, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, frames, height, width, generator=generator)
+    context = torch.randn(1, 20, WAN_TEXT_DIM, generator=generator)
+    model.patch_model()
+    try:
+        with torch.inference_mode():
+            return model.model.diffusion_model(x, torch.tensor([0.6]), context)
+    finally:
+        model.unpatch_model()
+
+
+@pytest.mark.parametrize("frames, height, width, frame_chunks, group", [
+    (1, 4, 6, 0, False), (1, 4, 6, 5, True), (5, 6, 10, 7, True), (7, 5, 9, 4, False), (7, 5, 9, 0, True)])
+def test_sliced_wan_forward_equals_stock(pack, wan_model, frames, height, width, frame_chunks, group):
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    sliced = node_output(FeatureSlicer, wan_model, frame_chunks, 0)
+    if group:
+        sliced = node_output(OperatorGrouper, sliced)
+    assert len(sliced.object_patches) == len(sliced.get_model_object("diffusion_model").blocks)
+    stock = wan_forward(wan_model, frames, height, width)
+    assert relative_difference(wan_forward(sliced, frames, height, width), stock) <= TOLERANCE
+
+
+def test_sliced_wan_samples_the_stock_latent(pack, wan_model):
+    import comfy.sample
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    def sample(model):
+        latent = torch.zeros(1, 16, 3, 6, 8)
+        generator = torch.Generator().manual_seed(1)
+        positive = [[torch.randn(1, 12, WAN_TEXT_DIM, generator=generator), {}]]
+        negative = [[torch.zeros(1, 12, WAN_TEXT_DIM), {}]]
+        return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 4), 3, 4.0, "euler", "simple",
+                                   positive, negative, latent, seed=4, disable_pbar=True)
+    stock = sample(wan_model)
+    grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 3, 0))
+    assert relative_difference(sample(grouped), stock) <= SAMPLING_TOLERANCE
+    assert wan_model.object_patches == {}
