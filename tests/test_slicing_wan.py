@@ -12,14 +12,14 @@ def wan_model(pack):
     return patcher(build_wan("tiny"))
 
 
-def wan_forward(model, frames, height, width, seed=0):
+def wan_forward(model, frames, height, width, seed=0, timestep=None):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 16, frames, height, width, generator=generator)
     context = torch.randn(1, 20, WAN_TEXT_DIM, generator=generator)
     model.patch_model()
     try:
         with torch.inference_mode():
-            return model.model.diffusion_model(x, torch.tensor([0.6]), context)
+            return model.model.diffusion_model(x, torch.tensor([0.6]) if timestep is None else timestep, context)
     finally:
         model.unpatch_model()
 
@@ -35,6 +35,20 @@ def test_sliced_wan_forward_equals_stock(pack, wan_model, frames, height, width,
     assert len(sliced.object_patches) == len(sliced.get_model_object("diffusion_model").blocks)
     stock = wan_forward(wan_model, frames, height, width)
     assert relative_difference(wan_forward(sliced, frames, height, width), stock) <= TOLERANCE
+
+
+@pytest.mark.parametrize("timesteps", ["per frame", "per token"])
+def test_sliced_wan_forward_with_expanded_modulation_equals_stock(pack, wan_model, timesteps):
+    """Wan 2.2 TI2V-5B gives every latent frame (or token) its own timestep; the block's modulation
+    is then expanded over the tokens and must be cut per chunk the same way."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    frames, height, width = 5, 6, 10
+    rows = frames if timesteps == "per frame" else frames * (height // 2) * (width // 2)
+    timestep = torch.rand(1, rows, generator=torch.Generator().manual_seed(2))
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 7, 0))
+    stock = wan_forward(wan_model, frames, height, width, timestep=timestep)
+    assert relative_difference(wan_forward(sliced, frames, height, width, timestep=timestep), stock) <= TOLERANCE
 
 
 def test_sliced_wan_samples_the_stock_latent(pack, wan_model):

@@ -1,0 +1,80 @@
+"""Feature Slicer / Operator Grouper on ComfyUI's Wan 2.1 DiT against stock ComfyUI 0.3.75 and
+against a peer-style feed-forward chunk patch (KJNodes' WanChunkFeedForward idea: only the FFN runs
+in token chunks), in one run. Activation peaks of full-size models at 480x832 bf16 under fake
+tensors with the live-storage tracker (SDPA attention). Writes bench/results/wan_peaks.json and .png."""
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
+from stock_peaks import GIB, RESULTS, wan  # noqa: E402
+
+WORKLOADS = [("1.3B", 81, 1), ("1.3B", 81, 2), ("1.3B", 321, 1), ("1.3B", 321, 2), ("14B", 81, 1)]
+FFN_CHUNK_TOKENS = 1024
+
+
+def ffn_chunk_patch(model):
+    """The peer baseline: each block's FFN over token chunks, written into a preallocated output."""
+    def chunked(ffn):
+        def forward(x):
+            out = None
+            for start in range(0, x.shape[1], FFN_CHUNK_TOKENS):
+                y = type(ffn).forward(ffn, x[:, start:start + FFN_CHUNK_TOKENS])
+                out = y.new_empty((*x.shape[:2], y.shape[2])) if out is None else out
+                out[:, start:start + FFN_CHUNK_TOKENS] = y
+            return out
+        return forward
+    for block in model.blocks:
+        block.ffn.forward = chunked(block.ffn)
+
+
+def methods():
+    from comfyui_streamline.core.slicing import SliceSettings, apply_slicing
+    return {"stock": None, "FFN chunks only (peer-style)": ffn_chunk_patch,
+            "Feature Slicer (auto)": lambda m: apply_slicing(m, SliceSettings()),
+            "Slicer + Operator Grouper (auto)": lambda m: apply_slicing(m, SliceSettings(group_ops=True))}
+
+
+def main():
+    import_comfyui()
+    import_pack()
+    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+
+    rows = []
+    for size, frames, batch in WORKLOADS:
+        for method, prepare in methods().items():
+            peak, weights = wan(size, frames, batch, LiveStorageTracker, prepare)
+            rows.append(dict(model=f"Wan 2.1 {size}", frames=frames, batch=batch, method=method,
+                             peak_gib=peak / GIB, weights_gib=weights / GIB))
+            print(f"Wan 2.1 {size} {frames}f batch {batch} {method}: {peak / GIB:.2f} GiB")
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "wan_peaks.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    plot(rows, machine)
+
+
+def plot(rows, machine):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    labels = [f"{r['model']} {r['frames']}f b{r['batch']}: {r['method']}" for r in rows][::-1]
+    ax.barh(labels, [r["peak_gib"] for r in rows][::-1],
+            color=["#c44e52" if "stock" in label else "#8172b2" if "peer" in label else "#4c72b0" for label in labels])
+    ax.set_xlabel("activation peak (GiB)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(f"Wan 2.1 at 480x832 bf16: Streamline slicing vs stock ComfyUI 0.3.75\n(fake tensors; {machine})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "wan_peaks.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
