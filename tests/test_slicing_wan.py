@@ -51,18 +51,39 @@ def test_sliced_wan_forward_with_expanded_modulation_equals_stock(pack, wan_mode
     assert relative_difference(wan_forward(sliced, frames, height, width, timestep=timestep), stock) <= TOLERANCE
 
 
-def test_sliced_wan_samples_the_stock_latent(pack, wan_model):
+def sample(model, frames=3):
     import comfy.sample
+
+    latent = torch.zeros(1, 16, frames, 6, 8)
+    generator = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 12, WAN_TEXT_DIM, generator=generator), {}]]
+    negative = [[torch.zeros(1, 12, WAN_TEXT_DIM), {}]]
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 4), 3, 4.0, "euler", "simple",
+                               positive, negative, latent, seed=4, disable_pbar=True)
+
+
+def test_sliced_wan_samples_the_stock_latent(pack, wan_model):
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    def sample(model):
-        latent = torch.zeros(1, 16, 3, 6, 8)
-        generator = torch.Generator().manual_seed(1)
-        positive = [[torch.randn(1, 12, WAN_TEXT_DIM, generator=generator), {}]]
-        negative = [[torch.zeros(1, 12, WAN_TEXT_DIM), {}]]
-        return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 4), 3, 4.0, "euler", "simple",
-                                   positive, negative, latent, seed=4, disable_pbar=True)
     stock = sample(wan_model)
     grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 3, 0))
     assert relative_difference(sample(grouped), stock) <= SAMPLING_TOLERANCE
     assert wan_model.object_patches == {}
+
+
+def test_sliced_wan_composes_with_stock_context_windows(pack, wan_model):
+    """ComfyUI's WAN Context Windows node in front of or behind the slicing nodes: each window runs
+    the sliced blocks, and the result equals stock context-window sampling."""
+    from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    def windows(model):  # 9 pixel frames = 3 latent frames per window, 1 latent frame of overlap
+        return WanContextWindowsManualNode.execute(model, 9, 4, "standard_static", 1, False, "pyramid").result[0]
+
+    def sliced(model):
+        return node_output(OperatorGrouper, node_output(FeatureSlicer, model, 2, 0))
+    frames = 7
+    stock = sample(windows(wan_model), frames)
+    assert relative_difference(stock, sample(wan_model, frames)) > 1e-3  # the windows change the result
+    for model in (sliced(windows(wan_model)), windows(sliced(wan_model))):
+        assert relative_difference(sample(model, frames), stock) <= SAMPLING_TOLERANCE
