@@ -1,7 +1,10 @@
 """Feature Slicer / Operator Grouper on ComfyUI's Wan 2.1 DiT against stock ComfyUI 0.3.75 and
 against a peer-style feed-forward chunk patch (KJNodes' WanChunkFeedForward idea: only the FFN runs
 in token chunks), in one run. Activation peaks of full-size models at 480x832 bf16 under fake
-tensors with the live-storage tracker (SDPA attention). Writes bench/results/wan_peaks.json and .png."""
+tensors with the live-storage tracker (SDPA attention); the stock Wan VAE decode peak for
+comparison; CPU time and output difference on the tiny Wan with real tensors.
+Writes bench/results/wan_peaks.json and .png."""
+import time
 import json
 import platform
 import sys
@@ -13,9 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
-from stock_peaks import GIB, RESULTS, wan  # noqa: E402
+from devkit import model_fixtures  # noqa: E402
+from stock_peaks import BF16, GIB, RESULTS, measure, wan  # noqa: E402
 
 WORKLOADS = [("1.3B", 81, 1), ("1.3B", 81, 2), ("1.3B", 321, 1), ("1.3B", 321, 2), ("14B", 81, 1)]
+VAE_SIZES = {"480x832": (60, 104), "720x1280": (90, 160)}
 FFN_CHUNK_TOKENS = 1024
 
 
@@ -41,6 +46,46 @@ def methods():
             "Slicer + Operator Grouper (auto)": lambda m: apply_slicing(m, SliceSettings(group_ops=True))}
 
 
+def vae_rows(tracker_cls):
+    """Stock ComfyUI Wan 2.1 VAE decode of 81 frames (21 latent frames, one at a time, causal cache)."""
+    rows = []
+    for name, (height, width) in VAE_SIZES.items():
+        vae = model_fixtures.build_wan_vae("full").first_stage_model.to("meta", BF16)
+        peak, weights = measure(vae, lambda v: v.decode(torch.empty(1, 16, 21, height, width, dtype=BF16)), tracker_cls)
+        rows.append(dict(part=f"Wan VAE decode 81f {name}", method="stock", peak_gib=peak / GIB, weights_gib=weights / GIB))
+        print(f"Wan VAE decode 81f {name} stock: {peak / GIB:.2f} GiB")
+    return rows
+
+
+def latency_rows():
+    """CPU time and output difference of the sliced tiny Wan against stock, real tensors."""
+    from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing
+
+    model = model_fixtures.build_wan("tiny").diffusion_model
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 21, 30, 52, generator=generator)  # 81 frames at 240x416: 8,190 tokens
+    context = torch.randn(1, 64, model_fixtures.WAN_TEXT_DIM, generator=generator)
+    rows = []
+    with torch.inference_mode():
+        run = lambda: model(x, torch.tensor([0.5]), context)  # noqa: E731
+        run()
+        started = time.perf_counter()
+        reference = run()
+        stock_seconds = time.perf_counter() - started
+        for method, settings in [("Feature Slicer (auto)", SliceSettings()),
+                                 ("Slicer + Operator Grouper (auto)", SliceSettings(group_ops=True))]:
+            apply_slicing(model, settings)
+            run()
+            started = time.perf_counter()
+            output = run()
+            seconds = time.perf_counter() - started
+            remove_slicing(model)
+            rows.append(dict(part="tiny Wan 81f 240x416", method=method, cpu_time_ratio=seconds / stock_seconds,
+                             max_abs_diff=((output - reference).abs().max() / reference.abs().max()).item()))
+            print(rows[-1])
+    return rows
+
+
 def main():
     import_comfyui()
     import_pack()
@@ -55,7 +100,9 @@ def main():
             print(f"Wan 2.1 {size} {frames}f batch {batch} {method}: {peak / GIB:.2f} GiB")
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "wan_peaks.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "wan_peaks.json").write_text(json.dumps(
+        {"machine": machine, "rows": rows, "vae": vae_rows(LiveStorageTracker), "latency": latency_rows()},
+        indent=2) + "\n")
     plot(rows, machine)
 
 
