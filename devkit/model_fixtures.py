@@ -80,11 +80,20 @@ def build_svd(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed
     return _build(sm.SVD_img2vid, SVD_CONFIGS[size], dtype, device, seed)
 
 
-def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0):
-    """ComfyUI's Wan 2.1 text-to-video BaseModel (WanModel inside `.diffusion_model`)."""
+WAN_VARIANTS = {  # variant -> (ComfyUI model config class, config changes)
+    "2.1 t2v": ("WAN21_T2V", {}),
+    "2.1 i2v": ("WAN21_I2V", {"model_type": "i2v", "in_dim": 36}),  # CLIP image tokens in cross-attention
+    "2.2 ti2v 5B": ("WAN22_T2V", {"in_dim": 48, "out_dim": 48}),  # per-frame timesteps from the denoise mask
+}
+
+
+def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0, variant: str = "2.1 t2v"):
+    """ComfyUI's Wan BaseModel (WanModel inside `.diffusion_model`): Wan 2.1 text-to-video unless
+    `variant` names another of WAN_VARIANTS."""
     import_comfyui()
     import comfy.supported_models as sm
-    return _build(sm.WAN21_T2V, WAN_CONFIGS[size], dtype, device, seed)
+    config_class, changes = WAN_VARIANTS[variant]
+    return _build(getattr(sm, config_class), {**WAN_CONFIGS[size], **changes}, dtype, device, seed)
 
 
 def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:

@@ -87,3 +87,46 @@ def test_sliced_wan_composes_with_stock_context_windows(pack, wan_model):
     assert relative_difference(stock, sample(wan_model, frames)) > 1e-3  # the windows change the result
     for model in (sliced(windows(wan_model)), windows(sliced(wan_model))):
         assert relative_difference(sample(model, frames), stock) <= SAMPLING_TOLERANCE
+
+
+def test_sliced_wan21_i2v_forward_equals_stock(pack):
+    """Image-to-video: the cross-attention also attends to CLIP image tokens (context_img_len)."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    model = patcher(build_wan("tiny", variant="2.1 i2v"))
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 36, 4, 6, 10, generator=generator)
+    context = torch.randn(1, 20, WAN_TEXT_DIM, generator=generator)
+    clip = torch.randn(1, 257, 1280, generator=generator)
+
+    def forward(m):
+        m.patch_model()
+        try:
+            with torch.inference_mode():
+                return m.model.diffusion_model(x, torch.tensor([0.3]), context, clip_fea=clip)
+        finally:
+            m.unpatch_model()
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, model, 5, 0))
+    assert relative_difference(forward(sliced), forward(model)) <= TOLERANCE
+
+
+def test_sliced_wan22_ti2v_samples_the_stock_latent_with_a_kept_first_frame(pack):
+    """Wan 2.2 TI2V-5B: a noise mask that keeps the first latent frame gives every frame its own
+    timestep (WAN22.process_timestep), so each block gets per-frame modulation."""
+    import comfy.sample
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    model = patcher(build_wan("tiny", variant="2.2 ti2v 5B"))
+
+    def sample_with_mask(m):
+        latent = torch.randn(1, 48, 4, 6, 8, generator=torch.Generator().manual_seed(5))
+        mask = torch.ones(1, 1, 4, 6, 8)
+        mask[:, :, 0] = 0.0
+        generator = torch.Generator().manual_seed(6)
+        positive = [[torch.randn(1, 12, WAN_TEXT_DIM, generator=generator), {}]]
+        negative = [[torch.zeros(1, 12, WAN_TEXT_DIM), {}]]
+        return comfy.sample.sample(m, comfy.sample.prepare_noise(latent, 7), 3, 4.0, "euler", "simple", positive,
+                                   negative, latent, noise_mask=mask, seed=7, disable_pbar=True)
+    stock = sample_with_mask(model)
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, model, 3, 0))
+    assert relative_difference(sample_with_mask(sliced), stock) <= SAMPLING_TOLERANCE
