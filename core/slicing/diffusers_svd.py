@@ -107,23 +107,16 @@ def temporal_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Cal
         pending = []  # upsamplers waiting to run inside the next block's frame chunks
         for up_block in decoder.up_blocks:
             for resnet in up_block.resnets:
-                prelude = _sequence(pending)
+                prelude = nn.Sequential(*pending) if pending else None
                 pending = []
                 run_resblock(resnet, h, image_only_indicator, prelude)
             pending = list(up_block.upsamplers or ())
         modules = [*pending, decoder.conv_norm_out, decoder.conv_act, decoder.conv_out]
-        h.map_frames(lambda xs, s: _sequence(modules)(xs), frame_local(len(h.frames)))
+        head = nn.Sequential(*modules)
+        h.map_frames(lambda xs, s: head(xs), frame_local(len(h.frames)))
         h.map_strips(decoder.time_conv_out, settings.strips(h.frames[0].shape[-1]))
         return h.stack()
     return forward
-
-
-def _sequence(modules) -> Callable:
-    def run(x):
-        for module in modules:
-            x = module(x)
-        return x
-    return run if modules else None
 
 
 def time_conv_forward(conv: nn.Module, settings: SliceSettings) -> Callable:
