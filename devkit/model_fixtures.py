@@ -128,6 +128,26 @@ def build_wan_vae(size: str = "tiny", seed: int = 0):
                                 "decoder.head.0.gamma": torch.ones(dim, 1, 1, 1)}, seed)
 
 
+WAN22_VAE_CONFIGS = {"tiny": dict(dim=16, dec_dim=16, z_dim=48), "full": dict(dim=160, dec_dim=256, z_dim=48)}
+
+
+def build_wan22_vae(size: str = "tiny", device: str = "cpu", seed: int = 0):
+    """The Wan 2.2 VAE module (TI2V-5B: 16x16 spatial compression, 48 latent channels), with the
+    config ComfyUI's detection gives the full size. ComfyUI detects no smaller one, so this builds
+    the module directly (for the plain-torch slicing API and the benchmarks)."""
+    import_comfyui()
+    import comfy.ldm.wan.vae2_2
+    with torch.device(device):
+        vae = comfy.ldm.wan.vae2_2.WanVAE(**WAN22_VAE_CONFIGS[size])
+    return vae if device == "meta" else randomize_(vae, seed)
+
+
+def build_image_vae(seed: int = 0):
+    """An image-only VAE (ComfyUI's TAESD), for the error path of the video VAE nodes."""
+    import_comfyui()
+    return _vae_from_detection({"taesd_decoder.1.weight": torch.zeros(64, 4, 3, 3)}, seed)
+
+
 DIFFUSERS_SVD_UNET_CONFIGS = {  # "full" is diffusers' default: Stable Video Diffusion's UNet
     "tiny": dict(in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                  down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
@@ -186,10 +206,15 @@ def save_wan_vae(path: Path, size: str = "tiny", dtype=torch.float16, seed: int 
     return _save(build_wan_vae(size, seed).first_stage_model.state_dict(), Path(path), dtype)
 
 
+def save_image_vae(path: Path, seed: int = 0) -> Path:
+    return _save(build_image_vae(seed).first_stage_model.state_dict(), Path(path), torch.float16)
+
+
 TINY_FILES = {
     "checkpoints/streamline_tiny_svd_img2vid.safetensors": save_svd_checkpoint,
     "diffusion_models/streamline_tiny_wan21_t2v.safetensors": save_wan_diffusion_model,
     "vae/streamline_tiny_wan21_vae.safetensors": save_wan_vae,
+    "vae/streamline_taesd_image_vae.safetensors": save_image_vae,
 }
 
 

@@ -4,15 +4,11 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..core.slicing import SliceSettings, UnsupportedModelError, slicing_patches
+from ..core.slicing import SliceSettings, UnsupportedModelError, decode_estimate, slicing_patches
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = "streamline_slicing"
-# The sliced SVD temporal decode of n frames needs (fixed + per_frame * n) times stock's per-frame
-# estimate, measured at 1, 14 and 25 frames at 576x1024 (bench/slicing_peaks.py), with 1.5x headroom:
-# in VRAM 0.265 + 0.059 n; with the frames offloaded to RAM 0.29 (no growth with n).
-SLICED_DECODE_COST = {False: (0.4, 0.09), True: (0.45, 0.005)}  # offload_frames -> (fixed, per_frame)
 
 FRAME_CHUNKS_TOOLTIP = ("Chunks of the batch x frames axis that spatial ops run in. 0 = auto (one frame "
                         "per chunk). More chunks: lower peak, more kernel launches.")
@@ -54,18 +50,8 @@ def sliced_vae(vae, node: str, settings: SliceSettings):
     clone.patcher = vae.patcher.clone()
     for name, replacement in patches.items():
         clone.patcher.add_object_patch(name, replacement)
-    clone.memory_used_decode = sliced_decode_estimate(vae.memory_used_decode, *SLICED_DECODE_COST[settings.offload_frames])
+    clone.memory_used_decode = decode_estimate(vae.first_stage_model, settings, vae.memory_used_decode)
     return clone
-
-
-def sliced_decode_estimate(stock_estimate, fixed: float, per_frame: float):
-    """ComfyUI decodes free_memory // estimate frames per batch, where the estimate is per frame and
-    gets the whole latent's shape: the sliced total, spread over the frames, keeps all frames (and
-    their full temporal context) in one batch whenever that total fits."""
-    def estimate(shape, dtype):
-        frames = max(1, shape[0])
-        return stock_estimate(shape, dtype) * (fixed + per_frame * frames) / frames
-    return estimate
 
 
 class FeatureSlicer(io.ComfyNode):
@@ -114,15 +100,18 @@ class VAESlicer(io.ComfyNode):
             node_id="StreamlineVAESlicer",
             display_name="VAE Slicer",
             category="Streamline/memory",
-            description="Makes a stock VAE Decode of a video run sliced and grouped, decoding all frames "
-                        "together with their full temporal context at a fraction of the memory.",
+            description="Makes a stock VAE Decode of a video run sliced, with the stock output at a fraction "
+                        "of the memory. SVD's temporal VAE: all frames decode together with their full "
+                        "temporal context. Wan 2.1 / 2.2 VAE: each frame decodes in strips along its longer "
+                        "side (strip_chunks, 0 = 32 latent positions per strip), exact, without tile seams.",
             inputs=[io.Vae.Input("vae"), *_chunk_inputs(),
                     io.Boolean.Input("group_ops", default=True,
                                      tooltip="Also group op chains (Operator Grouper) inside the decoder."),
                     io.Boolean.Input("offload_frames", default=False,
-                                     tooltip="With group_ops: keep the decoder's per-frame activations in RAM and "
-                                             "stream each frame chunk or strip through the GPU. VRAM no longer "
-                                             "grows with the frame count; costs host-device transfers.")],
+                                     tooltip="Keep the decoder's per-frame activations (SVD: with group_ops; Wan: "
+                                             "the features the strips read, and the decoded video) in RAM and "
+                                             "stream each chunk or strip through the GPU. VRAM no longer grows "
+                                             "with the frame count; costs host-device transfers.")],
             outputs=[io.Vae.Output(tooltip="A patched copy; the input VAE is unchanged.")],
         )
 

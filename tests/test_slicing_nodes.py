@@ -152,14 +152,6 @@ def test_vae_slicer_decodes_the_stock_frames_with_full_temporal_context(pack, sv
     assert svd_vae.patcher.object_patches == {}
 
 
-def test_vae_slicer_rejects_a_vae_without_a_video_decoder(pack):
-    from comfyui_streamline.nodes.slicing import VAESlicer
-    from devkit.model_fixtures import build_wan_vae
-
-    with pytest.raises(ValueError, match="VAE Slicer: .* Supported: SVD"):
-        VAESlicer.execute(build_wan_vae("tiny"), 0, 0, True, False)
-
-
 def test_sliced_model_samples_the_stock_latent_through_a_custom_guider(pack, svd_model):
     """The SamplerCustomAdvanced path: a CFGGuider with an explicit sampler and sigmas."""
     import comfy.sample
@@ -241,7 +233,8 @@ def test_sliced_vae_decodes_all_frames_in_one_batch_where_stock_splits_them(pack
     """ComfyUI sizes decode batches from free memory: with room for the sliced decode of all frames
     but not for stock's, stock cuts the temporal context and the VAE Slicer does not."""
     import comfy.model_management
-    from comfyui_streamline.nodes.slicing import SLICED_DECODE_COST, VAESlicer
+    from comfyui_streamline.core.slicing.svd_vae import SLICED_DECODE_COST
+    from comfyui_streamline.nodes.slicing import VAESlicer
 
     frames = 14
     latent = torch.randn(frames, 4, 3, 5, generator=torch.Generator().manual_seed(0))

@@ -63,30 +63,32 @@ def test_negative_chunks_are_rejected_by_prompt_validation(comfy_server):
 
 
 def test_vae_slicer_on_an_unsupported_vae_fails_clearly_and_the_next_prompt_runs(comfy_server):
-    wan = load_workflow("demo_wan21_t2v_tiny.api.json")
-    decode = next(k for k, v in wan.items() if v["class_type"] == "VAEDecode")
-    wan["90"] = {"class_type": "StreamlineVAESlicer",
-                 "inputs": {"vae": wan[decode]["inputs"]["vae"], "frame_chunks": 0, "strip_chunks": 0,
-                            "group_ops": True, "offload_frames": False}}
-    wan[decode]["inputs"]["vae"] = ["90", 0]
+    wan = load_workflow("demo_wan21_t2v_sliced_tiny.api.json")
+    wan["2"]["inputs"]["vae_name"] = "streamline_taesd_image_vae.safetensors"
     failed = comfy_server.run(wan)
     assert failed.status == "error"
-    assert "VAE Slicer: " in failed.error["exception_message"]
-    assert "no video blocks that Streamline can slice" in failed.error["exception_message"]
+    assert "VAE Slicer: TAESD has no video blocks that Streamline can slice" in failed.error["exception_message"]
     assert "Traceback" not in failed.error["exception_message"]
     assert comfy_server.run(load_workflow("demo_svd_img2vid_tiny.api.json")).status == "success"
 
 
 def test_sliced_wan_workflow_matches_the_same_workflow_without_the_nodes(comfy_server):
+    """Feature Slicer + Operator Grouper on the Wan DiT and the VAE Slicer on the Wan VAE: the sampled
+    latent and the decoded frames equal the workflow's without the three nodes."""
     prompt = load_workflow("demo_wan21_t2v_sliced_tiny.api.json")
-    twin = {k: v for k, v in load_workflow("demo_wan21_t2v_sliced_tiny.api.json").items() if k not in ("12", "13")}
+    twin = {k: v for k, v in load_workflow("demo_wan21_t2v_sliced_tiny.api.json").items() if k not in ("12", "13", "14")}
     twin["7"]["inputs"]["model"] = prompt["12"]["inputs"]["model"]
-    for node in twin.values():
-        if "filename_prefix" in node["inputs"]:
-            node["inputs"]["filename_prefix"] += "_stock"
+    twin["8"]["inputs"]["vae"] = prompt["14"]["inputs"]["vae"]
+    for workflow, prefix in [(prompt, "wan_sliced"), (twin, "wan_stock")]:
+        workflow["90"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}}
+        for node in workflow.values():
+            if "filename_prefix" in node["inputs"] and node["class_type"] != "SaveImage":
+                node["inputs"]["filename_prefix"] += f"_{prefix}"
     sliced, stock = comfy_server.run(prompt), comfy_server.run(twin)
     assert stock.status == "success" and sliced.status == "success", sliced.error
-    latents = [load_file(next(p for p in r.files(comfy_server.output_dir) if p.suffix == ".latent"))["latent_tensor"]
-               for r in (stock, sliced)]
-    assert latents[0].shape == latents[1].shape
-    assert ((latents[1] - latents[0]).abs().max() / latents[0].abs().max()).item() <= 1e-4
+    (stock_latent, stock_frames), (sliced_latent, sliced_frames) = outputs(stock, comfy_server), outputs(sliced, comfy_server)
+    assert stock_latent.shape == sliced_latent.shape
+    assert ((sliced_latent - stock_latent).abs().max() / stock_latent.abs().max()).item() <= 1e-4
+    frames = prompt["6"]["inputs"]["length"]
+    assert sliced_frames.shape == stock_frames.shape == (frames, 48, 64, 3)
+    assert np.abs(sliced_frames - stock_frames).max() <= 1  # 8-bit rounding of equal values

@@ -1,7 +1,7 @@
 """The table of supported model families and blocks, and the one mechanism that installs and
 removes sliced forwards (as ComfyUI object patches, or directly on a plain torch module)."""
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -10,6 +10,7 @@ from .diffusers_svd import (spatio_temporal_resblock_forward, temporal_decoder_f
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
+from . import svd_vae, wan_vae
 from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
 from .temporal import derives_from
 from .wan import wan_block_forward
@@ -52,9 +53,19 @@ def _frame_local_children(*names):
 
 @dataclass(frozen=True)
 class Family:
+    """`decode_estimate(vae, settings, stock_estimate)`, for VAE families: the memory estimate
+    ComfyUI sizes decode batches with, for the sliced decode."""
     name: str
     signature: Callable[[nn.Module], bool]
     rules: tuple
+    decode_estimate: Optional[Callable] = None
+
+
+def _wan_vae_decode(vae: nn.Module, settings: SliceSettings) -> dict:
+    try:
+        return {"decode": wan_vae.wan_vae_decode(vae, settings)}
+    except wan_vae.UnsupportedDecoderError as error:
+        raise UnsupportedModelError(f"this Wan VAE's decoder cannot be sliced exactly: {error}") from None
 
 
 FAMILIES = (
@@ -82,6 +93,13 @@ FAMILIES = (
             BlockRule(lambda m: type(m).__name__ in FRAME_LOCAL_MODULES and not hasattr(m, "dims"),
                       _forward(frame_local_forward)),
         ),
+        decode_estimate=svd_vae.decode_estimate,
+    ),
+    Family(
+        "Wan 2.1 / 2.2 VAE (ComfyUI wan/vae.py, wan/vae2_2.py: WanVAE)",
+        signature=_is("WanVAE", "decoder", "conv2"),
+        rules=(BlockRule(_is("WanVAE", "decoder", "conv2"), _wan_vae_decode),),
+        decode_estimate=wan_vae.decode_estimate,
     ),
     Family(
         "Wan 2.1 / 2.2 DiT (ComfyUI wan/model.py: WanAttentionBlock)",
@@ -133,6 +151,12 @@ def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") 
                     patches.setdefault(base + key, value)
                 break
     return patches
+
+
+def decode_estimate(vae: nn.Module, settings: SliceSettings, stock_estimate: Callable) -> Callable:
+    """The decode memory estimate of `vae` sliced with `settings` (stock's where no family has one)."""
+    family = next((f for f in FAMILIES if f.decode_estimate and any(f.signature(m) for m in vae.modules())), None)
+    return family.decode_estimate(vae, settings, stock_estimate) if family else stock_estimate
 
 
 _INSTALLED = "_streamline_sliced_attributes"

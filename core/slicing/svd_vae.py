@@ -17,6 +17,22 @@ from .slices import chunk_slices, map_slices, slice_batch_aligned, take
 from .temporal import TemporalResBlockStrips, derives_from, host_function, parent_forward
 
 FRAME_LOCAL_MODULES = ("Upsample", "AttnBlock")  # ComfyUI classes that treat every frame on its own
+# The sliced decode of n frames needs (fixed + per_frame * n) times stock's per-frame estimate,
+# measured at 1, 14 and 25 frames at 576x1024 (bench/slicing_peaks.py), with 1.5x headroom: in VRAM
+# 0.265 + 0.059 n; with the frames offloaded to RAM 0.29 (no growth with n).
+SLICED_DECODE_COST = {False: (0.4, 0.09), True: (0.45, 0.005)}  # offload_frames -> (fixed, per_frame)
+
+
+def decode_estimate(vae: nn.Module, settings: SliceSettings, stock_estimate: Callable) -> Callable:
+    """ComfyUI decodes free_memory // estimate frames per batch, where the estimate is per frame and
+    gets the whole latent's shape: the sliced total, spread over the frames, keeps all frames (and
+    their full temporal context) in one batch whenever that total fits."""
+    fixed, per_frame = SLICED_DECODE_COST[settings.offload_frames]
+
+    def estimate(shape, dtype):
+        frames = max(1, shape[0])
+        return stock_estimate(shape, dtype) * (fixed + per_frame * frames) / frames
+    return estimate
 
 
 def decoder_video_resblock_forward(block: nn.Module, settings: SliceSettings) -> Callable:
