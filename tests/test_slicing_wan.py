@@ -19,7 +19,8 @@ def wan_forward(model, frames, height, width, seed=0, timestep=None):
     model.patch_model()
     try:
         with torch.inference_mode():
-            return model.model.diffusion_model(x, torch.tensor([0.6]) if timestep is None else timestep, context)
+            return model.model.diffusion_model(x, torch.tensor([0.6]) if timestep is None else timestep, context,
+                                               transformer_options=model.model_options.get("transformer_options", {}))
     finally:
         model.unpatch_model()
 
@@ -49,6 +50,23 @@ def test_sliced_wan_forward_with_expanded_modulation_equals_stock(pack, wan_mode
     sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 7, 0))
     stock = wan_forward(wan_model, frames, height, width, timestep=timestep)
     assert relative_difference(wan_forward(sliced, frames, height, width, timestep=timestep), stock) <= TOLERANCE
+
+
+def test_sliced_wan_keeps_the_block_input_for_a_block_replace_patch(pack, wan_model):
+    """The sliced block writes its output over its input only where nothing can read the input
+    again: a block-replace patch that mixes the block's input into its output still sees the input."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    def mix_input_back(args, extra):
+        return {"img": 0.5 * (extra["original_block"](args)["img"] + args["img"])}
+
+    patched = wan_model.clone()
+    patched.set_model_patch_replace(mix_input_back, "dit", "double_block", 1)
+    stock = wan_forward(patched, 5, 6, 10)
+    assert relative_difference(stock, wan_forward(wan_model, 5, 6, 10)) > 1e-3
+    for sliced in (node_output(OperatorGrouper, node_output(FeatureSlicer, patched, 7, 0)),
+                   node_output(FeatureSlicer, patched, 7, 0)):
+        assert relative_difference(wan_forward(sliced, 5, 6, 10), stock) <= TOLERANCE
 
 
 def sample(model, frames=3):

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 AUTO = 0
 AUTO_STRIP_WIDTH = 16  # columns per strip in auto mode
 AUTO_BAND_ELEMENTS = 65536  # positions x channels per band of a temporal transformer in auto mode
-AUTO_TOKENS = 1024  # tokens per chunk of a DiT block in auto mode
+AUTO_TOKEN_ELEMENTS = 1024 * 1536  # tokens x channels per chunk of a DiT block in auto mode (1024 tokens of Wan 1.3B)
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class SliceSettings:
     """How finely supported blocks are sliced.
 
     frame_chunks: chunks of the batch*frames axis for spatial ops (0 = one frame per chunk); for DiT
-        video models, chunks of the token axis (0 = 1024 tokens per chunk).
+        video models, chunks of the token axis (0 = 1024 x 1536 token-channels per chunk).
     strip_chunks: chunks of the spatial axis for temporal ops (0 = strips 16 columns wide, and
         bands of 65536 position-channels per frame for temporal transformers).
     group_ops: run chains of ops slice by slice (Operator Grouper) instead of one op at a time.
@@ -49,9 +49,10 @@ class SliceSettings:
     def strips(self, length: int) -> int:
         return _clamp("strip_chunks", self.strip_chunks, length) if self.strip_chunks else -(-length // AUTO_STRIP_WIDTH)
 
-    def tokens(self, length: int) -> int:
-        """Chunks of a DiT's token axis (frame_chunks sets the count)."""
-        return _clamp("frame_chunks", self.frame_chunks, length) if self.frame_chunks else -(-length // AUTO_TOKENS)
+    def tokens(self, length: int, width: int) -> int:
+        """Chunks of a DiT's token axis of `width`-wide tokens (frame_chunks sets the count)."""
+        return (_clamp("frame_chunks", self.frame_chunks, length) if self.frame_chunks
+                else min(length, -(-length * width // AUTO_TOKEN_ELEMENTS)))
 
     def bands(self, positions: int, channels: int) -> int:
         """Chunks of a flattened height*width axis of `channels`-wide features."""

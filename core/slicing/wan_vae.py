@@ -24,7 +24,7 @@ from .slices import chunk_slices
 # Peak of the sliced decode as a share of stock's, against the strip count n (measured at 480x832 and
 # 720p, bench/wan_vae_peaks.py): about 0.04 + 0.95 / n, before the per-frame buffers.
 STRIP_PEAK_SHARE = (0.05, 1.0)
-AUTO_STRIP_LATENT = 32  # latent positions per strip along the longer spatial axis, in auto mode
+AUTO_STRIP_PIXELS = 256  # output pixels per strip along the longer spatial axis, in auto mode
 CACHE_FRAMES = 2  # frames of input a causal convolution keeps for the next latent frame (stock CACHE_T)
 POINTWISE = ("RMS_norm", "SiLU", "Dropout", "Identity")
 
@@ -100,6 +100,7 @@ class DecoderPlan:
         self.whole_caches = _count_causal_convs(self.whole)
         self.strip_caches = _count_causal_convs(strip)
         self.patch = math.isqrt(decoder.head[-1].out_channels // 3)  # Wan 2.2 decodes 2x2 patches as channels
+        self.scale = 2 ** sum(type(m).__name__ == "Upsample" for m in decoder.upsamples.modules()) * self.patch
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, caches: list, index: list, first_chunk: bool) -> torch.Tensor:
@@ -130,8 +131,9 @@ def unpatchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c // patch ** 2, f, h * patch, w * patch)
 
 
-def strip_count(settings: SliceSettings, length: int) -> int:
-    return settings.strips(length) if settings.strip_chunks else -(-length // AUTO_STRIP_LATENT)
+def strip_count(settings: SliceSettings, length: int, scale: int) -> int:
+    """Strips of a latent axis of `length` positions that decode to `scale` pixels each."""
+    return settings.strips(length) if settings.strip_chunks else -(-length * scale // AUTO_STRIP_PIXELS)
 
 
 class Strip:
@@ -183,7 +185,7 @@ def wan_vae_decode(vae: nn.Module, settings: SliceSettings):
         del x, caches, y
         length = frames[0].shape[dim]
         output = OutputVideo(len(frames), dim, store)
-        for core in chunk_slices(length, strip_count(settings, length)):
+        for core in chunk_slices(length, strip_count(settings, length, plan.scale)):
             lo, hi = max(0, core.start - plan.input_halo), min(length, core.stop + plan.input_halo)
             caches = [None] * plan.strip_caches
             for t, frame in enumerate(frames):
@@ -232,15 +234,14 @@ def decode_estimate(vae: nn.Module, settings: SliceSettings, stock_estimate: Cal
     (both in RAM with offload_frames)."""
     fixed, per_strip = STRIP_PEAK_SHARE
     plan = DecoderPlan(vae.decoder, 4)
-    scale = 2 ** sum(type(m).__name__ == "Upsample" for m in vae.decoder.upsamples.modules()) * plan.patch
     whole_channels = plan.whole[-1].out_dim
 
     def estimate(shape, dtype):
         batch, _, frames, height, width = shape
         element = torch.empty((), dtype=dtype).element_size()
-        share = stock_estimate(shape, dtype) * (fixed + per_strip / strip_count(settings, max(height, width)))
+        share = stock_estimate(shape, dtype) * (fixed + per_strip / strip_count(settings, max(height, width), plan.scale))
         if settings.offload_frames:
             return share
-        per_frame = (whole_channels + 4 * 3 * scale ** 2) * height * width * element
+        per_frame = (whole_channels + 4 * 3 * plan.scale ** 2) * height * width * element
         return share + batch * frames * per_frame
     return estimate
