@@ -2,7 +2,7 @@
 for video diffusion in ComfyUI. Registered through the comfy_api v0.0.2 (v3 schema) entry point."""
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from .nodes.memory_monitor import MemoryMonitor
+from .nodes.memory_monitor import MemoryMonitor, install_prompt_recording
 from .nodes.slicing import FeatureSlicer, OperatorGrouper, VAESlicer
 
 WEB_DIRECTORY = "./web"
@@ -14,4 +14,5 @@ class StreamlineExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> StreamlineExtension:
+    install_prompt_recording()  # prompts without a Memory Monitor run exactly as stock
     return StreamlineExtension()

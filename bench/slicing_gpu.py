@@ -1,7 +1,8 @@
 """Feature Slicer / Operator Grouper / VAE Slicer on a real GPU, stock vs sliced in one run: peak
 memory from torch.cuda statistics (activations: the peak above what was allocated before the call),
-latency from CUDA-synchronised wall time, and the output difference. Full-size SVD img2vid (ComfyUI's
-classes, random weights), 576x1024 fp16, 14 frames. Writes bench/results/slicing_gpu.json.
+latency from CUDA-synchronised wall time, and the output difference. Full-size models (ComfyUI's
+classes, random weights): SVD img2vid at 576x1024 fp16, 14 frames; Wan 2.1 1.3B DiT and the Wan 2.1
+VAE decode at 480x832 bf16, 81 frames. Writes bench/results/slicing_gpu.json.
 
 Needs CUDA. `--smoke` runs the same code on the micro UNet and small latents on whatever device is
 present (a check of the script, not a measurement)."""
@@ -75,6 +76,24 @@ def unet_rows(smoke, device, dtype, frames, height, width, repeats):
     return compare(unet, lambda: unet(x, t, context=context, y=y, num_video_frames=frames, image_only_indicator=indicator),
                    UNET_SETTINGS, device, repeats, f"UNet {frames}f CFG {height * 8}x{width * 8}")
 
+WAN_SETTINGS = {"stock": None, "Slicer + Operator Grouper (auto)": dict(group_ops=True)}
+WAN_VAE_SETTINGS = {"stock": None, "VAE Slicer (auto strips)": dict(), "VAE Slicer + offload_frames": dict(offload_frames=True)}
+
+
+def wan_rows(smoke, device, repeats):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    latent_frames, height, width = (21, 60, 104) if not smoke else (3, 6, 8)  # 81 frames at 480x832
+    model = model_fixtures.build_wan("tiny" if smoke else "1.3B", dtype, str(device)).diffusion_model
+    x = torch.randn(1, 16, latent_frames, height, width, device=device, dtype=dtype)
+    t = torch.full((1,), 0.5, device=device)
+    context = torch.randn(1, 512, model_fixtures.WAN_TEXT_DIM, device=device, dtype=dtype)
+    rows = compare(model, lambda: model(x, t, context), WAN_SETTINGS, device, repeats,
+                   f"Wan 2.1 DiT {4 * latent_frames - 3}f {height * 8}x{width * 8}")
+    del model
+    vae = model_fixtures.build_wan_vae("tiny" if smoke else "full").first_stage_model.to(device, dtype)
+    return rows + compare(vae, lambda: vae.decode(x), WAN_VAE_SETTINGS, device, repeats,
+                          f"Wan 2.1 VAE decode {4 * latent_frames - 3}f {height * 8}x{width * 8}")
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -93,6 +112,8 @@ def main():
     latent = torch.randn(frames, 4, height, width, device=device, dtype=dtype)
     rows += compare(vae, lambda: vae.decode(latent), VAE_SETTINGS, device, repeats,
                     f"VAE decode {frames}f {height * 8}x{width * 8}")
+    del vae
+    rows += wan_rows(smoke, device, repeats)
     if smoke:
         return
     RESULTS.mkdir(exist_ok=True)

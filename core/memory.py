@@ -63,6 +63,12 @@ def _nvml_usage() -> dict[int, tuple[int, int]]:
         pynvml.nvmlShutdown()
 
 
+def nvml_used() -> int | None:
+    """Device-wide VRAM in use (all processes) over all GPUs, from NVML; None without NVML or a GPU."""
+    usage = _nvml_usage() if torch.cuda.is_available() else {}
+    return sum(used for used, _ in usage.values()) if usage else None
+
+
 def read_memory() -> MemorySnapshot:
     snapshot = MemorySnapshot(ram_rss=psutil.Process().memory_info().rss, ram_peak=_process_ram_peak())
     if not torch.cuda.is_available():

@@ -62,16 +62,45 @@ def test_stock_wan21_t2v_workflow_runs_to_saved_video(comfy_server):
     assert _frames(videos[0]) == prompt["6"]["inputs"]["length"]
 
 
-def test_memory_monitor_reports_through_the_api(comfy_server):
+def _reports(comfy_server, prefix):
+    return sorted((comfy_server.output_dir / "streamline_memory").glob(f"{prefix}_*"))
+
+
+def test_memory_monitor_records_every_node_of_the_prompt(comfy_server):
     prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
     prompt["9"]["inputs"]["report_prefix"] = "api_report_check"
+    prompt["7"]["inputs"]["seed"] = 1234  # not cached from an earlier test: sampling and all after it run
     result = comfy_server.run(prompt)
     assert result.status == "success", result.error
     summary = result.outputs["9"]["text"][0]
-    assert summary.startswith("RAM:") and "VRAM unavailable" in summary
-    reports = list((comfy_server.output_dir / "streamline_memory").glob("api_report_check_*.json"))
-    assert len(reports) == 1
-    assert json.loads(reports[0].read_text())["ram_peak"] > 0
+    assert summary.startswith("peak RAM") and "VRAM unavailable" in summary and "KSampler" in summary
+    report_file, chart_file = _reports(comfy_server, "api_report_check")
+    assert (report_file.suffix, chart_file.suffix) == (".json", ".png")
+    report = json.loads(report_file.read_text())
+    recorded = {step["step_id"]: step for step in report["steps"]}
+    assert {"7", "8", "9", "10", "11"} <= set(recorded) <= set(prompt)  # loaders may be cached
+    for node_id, step in recorded.items():
+        assert step["label"].endswith(prompt[node_id]["class_type"]) and step["ram_peak"] > 0
+        assert step["finished"] >= step["started"]
+    # the report is written at the end of the prompt: it covers the nodes after the monitor too
+    assert recorded["10"]["started"] > recorded["9"]["started"]
+    assert report["samples"] and report["peaks"]["ram"] >= max(s["ram_peak"] for s in report["steps"])
+    with Image.open(chart_file) as chart:
+        assert chart.size[0] > 500
+
+
+def test_memory_monitor_reports_a_failed_prompt_and_prompts_without_it_are_not_recorded(comfy_server):
+    prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
+    prompt["9"]["inputs"]["report_prefix"] = "failed_prompt"
+    prompt["3"]["inputs"]["width"] = 8  # fails in KSampler
+    assert comfy_server.run(prompt).status == "error"
+    report = json.loads(_reports(comfy_server, "failed_prompt")[0].read_text())
+    assert "KSampler" in report["steps"][-1]["label"] and report["steps"][-1]["finished"] is not None
+    before = set((comfy_server.output_dir / "streamline_memory").iterdir())
+    without = {k: v for k, v in load_workflow("demo_wan21_t2v_tiny.api.json").items() if k != "9"}
+    without["10"]["inputs"]["images"] = ["8", 0]
+    assert comfy_server.run(without).status == "success"
+    assert set((comfy_server.output_dir / "streamline_memory").iterdir()) == before
 
 
 def test_malformed_prompt_is_a_validation_error_and_the_server_keeps_serving(comfy_server):
