@@ -34,7 +34,8 @@ def draw_chart(recording: Recording, title: str = "Memory over the prompt") -> I
     for index, record in enumerate(recording.steps):
         x = xy(record.started, 0)[0]
         draw.line([x, TOP, x, HEIGHT - BOTTOM], fill=(200, 200, 200))
-        draw.text((x + 2, HEIGHT - BOTTOM + 18 + 12 * (index % 4)), record.label[:28], fill=(70, 70, 70))
+        draw.text((min(x + 2, WIDTH - RIGHT - 150), HEIGHT - BOTTOM + 18 + 12 * (index % 5)), record.label[:28],
+                  fill=(70, 70, 70))
         if record.vram_peak is not None:  # the exact per-step peak, between samples too
             draw.line([x, xy(0, record.vram_peak)[1], xy(record.finished or end, 0)[0], xy(0, record.vram_peak)[1]],
                       fill=(196, 78, 82), width=1)

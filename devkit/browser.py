@@ -1,4 +1,5 @@
 """Headless Chromium (Debian's package) on the real ComfyUI frontend, driven by Playwright."""
+import json
 import shutil
 from contextlib import contextmanager
 
@@ -28,14 +29,14 @@ def frontend_page(url: str):
 
 def api_to_ui_workflow(page, api_prompt: dict, name: str) -> dict:
     """Lets the frontend itself turn an API-format prompt into a UI workflow (nodes, links, widgets)."""
-    return page.evaluate("""async ([prompt, name]) => {
+    return json.loads(page.evaluate("""async ([prompt, name]) => {
         await app.loadApiJson(prompt, name);
         app.graph.arrange?.(60);
         for (const node of app.graph.nodes)  // shared workflows reproduce their outputs: keep seeds fixed
             for (const widget of node.widgets ?? [])
                 if (widget.name === "control_after_generate") widget.value = "fixed";
-        return app.graph.serialize();
-    }""", [api_prompt, name])
+        return JSON.stringify(app.graph.serialize());  // as saved: undefined fields left out, not null
+    }""", [api_prompt, name]))
 
 
 def ui_workflow_to_api(page, workflow: dict) -> dict:

@@ -38,3 +38,28 @@ def test_ui_workflow_queues_the_same_prompt_as_its_api_twin(page, ui_file):
     expected = load_workflow(ui_file.replace(".ui.json", ".api.json"))
     assert {k: (n["class_type"], n["inputs"]) for k, n in queued.items()} == \
         {k: (n["class_type"], n["inputs"]) for k, n in expected.items()}
+
+
+def test_memory_monitor_widget_charts_the_running_prompt(page, artifacts_dir):
+    workflow = json.loads((REPO_ROOT / "workflows" / "demo_wan21_t2v_tiny.ui.json").read_text())
+    page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
+    monitor = "app.graph._nodes.find((n) => n.type === 'StreamlineMemoryMonitor')"
+    assert page.evaluate(f"!!{monitor}.streamlineChart")
+    page.evaluate("app.queuePrompt(0)")
+    page.wait_for_function(f"{monitor}.streamlineChart.peaks !== null", timeout=300_000)
+    chart = page.evaluate(f"""(() => {{
+        const chart = {monitor}.streamlineChart;
+        return {{samples: chart.samples.length, steps: chart.steps.map((s) => s.label), summary: chart.summary,
+                 ram: chart.samples.map((s) => s.ram)}};
+    }})()""")
+    assert chart["samples"] > 0 and min(chart["ram"]) > 0
+    assert any(label.endswith("Memory Monitor") or "StreamlineMemoryMonitor" in label for label in chart["steps"])
+    assert chart["summary"].startswith("peak RAM") and "VRAM unavailable" in chart["summary"]
+    page.evaluate(f"""(() => {{
+        const node = {monitor};
+        app.canvas.ds.scale = 1.2;
+        app.canvas.centerOnNode(node);
+        app.canvas.setDirty(true, true);
+    }})()""")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(artifacts_dir / "memory_monitor_widget.png"))

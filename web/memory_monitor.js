@@ -25,7 +25,7 @@ function createChart(node) {
     const summary = document.createElement("pre");
     summary.style.cssText = "margin:0;max-height:90px;overflow:auto;font-size:10px;white-space:pre-wrap;color:var(--input-text)";
     container.append(canvas, summary);
-    node.addDOMWidget("memory_chart", "streamline_memory_chart", container, { serialize: false });
+    node.addDOMWidget("memory_chart", "streamline_memory_chart", container, { serialize: false, getMinHeight: () => 280 });
     node.streamlineChart = { promptId: null, samples: [], steps: [], summary: "", peaks: null, canvas, summaryElement: summary };
     node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], 360)]);
 }
@@ -50,11 +50,15 @@ function draw(chart) {
         ctx.fillText(`${(v / GIB).toFixed(2)}G`, 2, y(v) + 3);
     }
     ctx.fillText(`${end.toFixed(1)} s`, w - 40, h - 4);
-    steps.forEach((record, index) => {
+    const duration = (r) => (r.finished ?? end) - r.started;
+    const labelled = new Set([...steps].sort((a, b) => duration(b) - duration(a)).slice(0, 5));
+    steps.forEach((record) => {
         ctx.strokeStyle = "#bbb";
         ctx.beginPath(); ctx.moveTo(x(record.started), top); ctx.lineTo(x(record.started), h - bottom); ctx.stroke();
+    });
+    [...labelled].sort((a, b) => a.started - b.started).forEach((record, index) => {
         ctx.fillStyle = "#555";
-        ctx.fillText(record.label.slice(0, 18), x(record.started) + 2, top + 10 + 10 * (index % 3));
+        ctx.fillText(record.label.slice(0, 22), Math.min(x(record.started) + 2, w - 110), top + 12 + 11 * index);
     });
     const legend = [];
     for (const [key, name, color] of SERIES) {
