@@ -6,11 +6,12 @@ built on the meta device (no memory) for memory work under fake tensors.
 """
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from .comfy_env import import_comfyui
+from .comfy_env import import_comfyui, import_pack
 
 # SVD img2vid is only detected with model_channels 320, context_dim 1024, adm_in_channels 768 and this
 # transformer_depth; the tiny config keeps those and the four-level layout but no channel growth.
@@ -97,10 +98,8 @@ def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed
 
 
 def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
-    """Gives a meta-built module fake weights on `device`. Call inside a FakeTensorMode: shapes,
-    dtypes and storage sizes are real, memory is not used, so full-size forwards run on any machine
-    (also as if on a GPU: fake "cuda" tensors need no GPU)."""
-    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    """The pack's core.memory_predictor.materialize_fake (fake weights for a meta module)."""
+    return sys.modules[import_pack().__name__ + ".core.memory_predictor"].materialize_fake(module, device)
 
 
 def _vae_from_detection(marker_sd: dict, seed: int):

@@ -1,5 +1,6 @@
 """The table of supported model families and blocks, and the one mechanism that installs and
 removes sliced forwards (as ComfyUI object patches, or directly on a plain torch module)."""
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -204,3 +205,26 @@ def remove_slicing(target):
             owner.__dict__.pop(attribute, None)
         model.__dict__.pop(_INSTALLED, None)
     return target
+
+
+@contextmanager
+def slicing_applied(model: nn.Module, settings: SliceSettings):
+    """`model` sliced with `settings` inside the with-block only; afterwards every attribute it
+    patched is as it was, including forwards that others (a ComfyUI ModelPatcher) had installed."""
+    saved = []
+    try:
+        for path, value in slicing_patches(model, settings).items():
+            owner_path, _, attribute = path.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            saved.append((owner, attribute, owner.__dict__.get(attribute, _MISSING)))
+            setattr(owner, attribute, value)
+        yield model
+    finally:
+        for owner, attribute, previous in reversed(saved):
+            if previous is _MISSING:
+                owner.__dict__.pop(attribute, None)
+            else:
+                owner.__dict__[attribute] = previous
+
+
+_MISSING = object()

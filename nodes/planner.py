@@ -1,0 +1,97 @@
+"""Memory Planner: picks the least slicing whose predicted peak fits a VRAM budget, and retries a
+sampling step once with the next finer slicing on a real out-of-memory error."""
+import logging
+
+import comfy.model_management as mm
+import torch
+from comfy.patcher_extension import WrappersMP
+from comfy_api.v0_0_2 import io
+
+from ..core.memory import GIB
+from ..core.memory_predictor import Workload, model_forward, predict_peak, slicing_ladder
+from ..core.slicing import UnsupportedModelError, slicing_applied
+from .slicing import sliced_model
+
+log = logging.getLogger(__name__)
+OOM_RETRY_KEY = "streamline_oom_retry"
+
+
+def describe(settings) -> str:
+    if settings is None:
+        return "stock (no slicing)"
+    name = "Feature Slicer + Operator Grouper" if settings.group_ops else "Feature Slicer"
+    counts = ", ".join(f"{field}={value}" for field, value in (("frame_chunks", settings.frame_chunks),
+                                                                 ("strip_chunks", settings.strip_chunks)) if value)
+    return f"{name} ({counts or 'auto chunks'})"
+
+
+def oom_retry(finer):
+    """An APPLY_MODEL wrapper: after an out-of-memory error, this and every later step of the
+    model's sampling run with the diffusion model sliced with `finer` (the input model's own
+    forwards are back in place after each step)."""
+    state = {"finer": False}
+
+    def wrapper(executor, *args, **kwargs):
+        if not state["finer"]:
+            try:
+                return executor(*args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                if finer is None:
+                    raise
+            state["finer"] = True
+            log.warning("Memory Planner: out of memory; retrying the step with %s", describe(finer))
+            mm.soft_empty_cache(True)
+        with slicing_applied(executor.class_obj.diffusion_model, finer):
+            return executor(*args, **kwargs)
+    return wrapper
+
+
+class MemoryPlanner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamlineMemoryPlanner",
+            display_name="Memory Planner",
+            category="Streamline/memory",
+            description="Predicts the sampling peak of the model on this latent (a dry run under fake tensors, "
+                        "seconds on a CPU) for stock and increasingly fine slicing, and applies the least "
+                        "slicing that fits the budget. On a real out-of-memory error during sampling the step "
+                        "is retried once with the next finer slicing. Wan and SVD models.",
+            inputs=[io.Model.Input("model"), io.Latent.Input("latent", tooltip="The latent the sampler will denoise."),
+                    io.Float.Input("budget_gib", default=0.0, min=0.0, max=4096.0, step=0.5,
+                                   tooltip="VRAM for the model's weights and activations. 0 = what the compute "
+                                           "device has free now (plus what this model already holds)."),
+                    io.Boolean.Input("cfg", default=True, tooltip="Sampling with CFG (cond and uncond in one batch).")],
+            outputs=[io.Model.Output(tooltip="A clone with the chosen slicing; the input model is unchanged."),
+                     io.String.Output("plan", tooltip="Predicted peak per slicing level and the choice.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, budget_gib, cfg) -> io.NodeOutput:
+        diffusion_model = model.get_model_object("diffusion_model")
+        dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        work = Workload(tuple(latent["samples"].shape), 2 if cfg else 1, dtype)
+        try:
+            forward = model_forward(diffusion_model, work)
+        except UnsupportedModelError as error:
+            raise ValueError(f"Memory Planner: {error}") from None
+        device = mm.get_torch_device()
+        budget = budget_gib * GIB or mm.get_free_memory(device) + model.loaded_size()
+        weights = model.model_size()
+        ladder = slicing_ladder(diffusion_model, work)
+        lines = [f"budget {budget / GIB:.2f} GiB, weights {weights / GIB:.2f} GiB, latent {list(work.latent_shape)}"]
+        for index, settings in enumerate(ladder):
+            peak = predict_peak(diffusion_model, forward, settings, "cuda" if device.type == "cuda" else "cpu")
+            fits = weights + peak <= budget
+            lines.append(f"{describe(settings)}: activations {peak / GIB:.3f} GiB" + (" <- fits" if fits else ""))
+            if fits:
+                finer = ladder[index + 1] if index + 1 < len(ladder) else None
+                clone = model.clone() if settings is None else sliced_model(model, "Memory Planner", **vars(settings))
+                clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, OOM_RETRY_KEY, oom_retry(finer))
+                plan = "\n".join(lines)
+                log.info("Memory Planner:\n%s", plan)
+                return io.NodeOutput(clone, plan)
+        raise ValueError(f"Memory Planner: no slicing fits {budget / GIB:.2f} GiB. The smallest peak reachable is "
+                         f"{(weights + peak) / GIB:.2f} GiB (weights {weights / GIB:.2f} + activations "
+                         f"{peak / GIB:.2f} with {describe(settings)}): raise budget_gib, or use fewer frames, a "
+                         f"smaller resolution, or a smaller / quantized model.")

@@ -1,0 +1,114 @@
+"""Memory Planner: the dry-run predictor against measurement, the choice of the least slicing that
+fits a budget, the clear error when none fits, and the retry with finer slicing on out-of-memory."""
+import logging
+
+import pytest
+import torch
+
+from devkit.model_fixtures import build_svd, build_wan
+from test_slicing_nodes import SAMPLING_TOLERANCE, node_output, patcher, relative_difference
+from test_slicing_wan import sample
+
+
+@pytest.fixture(scope="module")
+def wan_model(pack):
+    return patcher(build_wan("tiny"))
+
+
+def latent(frames=3):
+    return {"samples": torch.zeros(1, 16, frames, 6, 8)}
+
+
+def predictions(model, lat):
+    from comfyui_streamline.core.memory_predictor import Workload, model_forward, predict_peak, slicing_ladder
+
+    diffusion_model = model.get_model_object("diffusion_model")
+    work = Workload(tuple(lat["samples"].shape), 2, torch.float32)
+    forward = model_forward(diffusion_model, work)
+    return [(s, predict_peak(diffusion_model, forward, s, "cpu")) for s in slicing_ladder(diffusion_model, work)]
+
+
+@pytest.mark.parametrize("family", ["wan", "svd"])
+def test_prediction_equals_the_measured_peak_of_the_real_forward(pack, family):
+    """The fake-tensor dry run predicts what the same forward allocates with real tensors."""
+    from comfyui_streamline.core.memory_predictor import Workload, model_forward, predict_peak, slicing_ladder
+    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.slicing import apply_slicing, remove_slicing
+
+    model = build_wan("tiny").diffusion_model if family == "wan" else build_svd("micro").diffusion_model
+    work = Workload((1, 16, 5, 12, 16) if family == "wan" else (5, 4, 8, 24), 2, torch.float32)
+    forward = model_forward(model, work)
+    for settings in slicing_ladder(model, work)[:4]:
+        predicted = predict_peak(model, forward, settings, "cpu")
+        if settings is not None:
+            apply_slicing(model, settings)
+        with torch.inference_mode(), LiveStorageTracker("cpu") as measured:
+            forward(model, "cpu")
+        remove_slicing(model)
+        assert predicted == measured.peak
+    assert predict_peak(model, forward, slicing_ladder(model, work)[-1], "cpu") < predict_peak(model, forward, None, "cpu")
+
+
+def test_planner_applies_the_least_slicing_that_fits(pack, wan_model):
+    from comfyui_streamline.nodes.planner import MemoryPlanner, describe
+
+    lat = latent()
+    ladder = predictions(wan_model, lat)
+    weights = wan_model.model_size()
+    roomy, plan = MemoryPlanner.execute(wan_model, lat, (weights + ladder[0][1]) / 1024 ** 3 + 0.01, True).args
+    assert roomy.object_patches == {} and "stock (no slicing): activations" in plan and plan.endswith("<- fits")
+
+    tight_level = next(i for i, (_, peak) in enumerate(ladder) if peak < ladder[0][1])
+    budget = (weights + ladder[tight_level][1] + 1) / 1024 ** 3
+    chosen, plan = MemoryPlanner.execute(wan_model, lat, budget, True).args
+    assert plan.splitlines()[-1] == f"{describe(ladder[tight_level][0])}: activations " \
+        f"{ladder[tight_level][1] / 1024 ** 3:.3f} GiB <- fits"
+    assert len(chosen.object_patches) == len(chosen.get_model_object("diffusion_model").blocks)
+    assert relative_difference(sample(chosen), sample(wan_model)) <= SAMPLING_TOLERANCE
+    assert wan_model.object_patches == {}
+
+
+def test_planner_names_the_smallest_reachable_peak_when_nothing_fits(pack, wan_model):
+    from comfyui_streamline.nodes.planner import MemoryPlanner
+
+    smallest = min(peak for _, peak in predictions(wan_model, latent())) + wan_model.model_size()
+    with pytest.raises(ValueError, match=f"no slicing fits 0.00 GiB. The smallest peak reachable is "
+                                         f"{smallest / 1024 ** 3:.2f} GiB"):
+        MemoryPlanner.execute(wan_model, latent(), 1e-6, True)
+
+
+def test_planner_rejects_a_model_it_cannot_predict(pack):
+    from comfyui_streamline.nodes.planner import MemoryPlanner
+
+    other = patcher(build_wan("tiny"))
+    other.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))  # a model of no known family
+    with pytest.raises(ValueError, match="Memory Planner: Linear: the memory planner knows Wan"):
+        MemoryPlanner.execute(other, latent(), 0.0, True)
+
+
+def test_out_of_memory_during_sampling_retries_once_with_finer_slicing(pack, wan_model, caplog):
+    from comfy.patcher_extension import WrappersMP
+    from comfyui_streamline.nodes.planner import MemoryPlanner
+
+    planned, _ = MemoryPlanner.execute(wan_model, latent(), 1024.0, True).args  # roomy: stock, no patches
+    failures = []
+
+    def out_of_memory_once(executor, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return executor(*args, **kwargs)
+    planned.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test_oom", out_of_memory_once)
+    with caplog.at_level(logging.WARNING):
+        result = sample(planned)
+    assert failures == [1] and "retrying the step with Feature Slicer (auto chunks)" in caplog.text
+    assert relative_difference(result, sample(wan_model)) <= SAMPLING_TOLERANCE
+    blocks = wan_model.get_model_object("diffusion_model").blocks
+    assert all(getattr(b.forward, "__func__", None) is type(b).forward for b in blocks)  # stock forwards again
+
+    always = planned.clone()
+    always.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test_oom",
+                                lambda executor, *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("again")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        sample(always)
+    assert sample(wan_model).shape == result.shape  # the stock model still samples afterwards
