@@ -13,6 +13,7 @@ import time
 from typing import Optional
 
 import folder_paths
+import nodes
 from comfy_api.v0_0_2 import io, ui
 from comfy_execution.progress import ProgressHandler
 
@@ -71,7 +72,8 @@ class StepHandler(ProgressHandler):
 
     def start_handler(self, node_id, state, prompt_id):
         node = self.registry.dynprompt.get_node(node_id) if self.registry.dynprompt.has_node(node_id) else {}
-        title = node.get("_meta", {}).get("title") or node.get("class_type", "")
+        class_type = node.get("class_type", "")
+        title = node.get("_meta", {}).get("title") or nodes.NODE_DISPLAY_NAME_MAPPINGS.get(class_type) or class_type
         self.recorder.start_step(node_id, f"#{node_id} {title}")
 
     def finish_handler(self, node_id, state, prompt_id):

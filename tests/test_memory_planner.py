@@ -112,3 +112,32 @@ def test_out_of_memory_during_sampling_retries_once_with_finer_slicing(pack, wan
     with pytest.raises(torch.cuda.OutOfMemoryError):
         sample(always)
     assert sample(wan_model).shape == result.shape  # the stock model still samples afterwards
+
+
+def test_planned_workflow_runs_through_the_api_and_samples_the_stock_latent(comfy_server):
+    from safetensors.torch import load_file
+
+    from conftest import load_workflow
+
+    planned = comfy_server.run(load_workflow("demo_wan21_t2v_planned_tiny.api.json"))
+    assert planned.status == "success", planned.error
+    plan = planned.outputs["13"]["text"][0]
+    assert plan.startswith("budget ") and plan.endswith("<- fits")
+    stock = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    latents = [load_file(next(p for p in r.files(comfy_server.output_dir) if p.suffix == ".latent"))["latent_tensor"]
+               for r in (stock, planned)]
+    assert relative_difference(latents[1], latents[0]) <= 1e-4
+    report = next((comfy_server.output_dir / "streamline_memory").glob("wan21_t2v_planned_*.json"))
+    assert "Memory Planner" in report.read_text()
+
+
+def test_planner_budget_that_cannot_be_met_fails_clearly_and_the_next_prompt_runs(comfy_server):
+    from conftest import load_workflow
+
+    prompt = load_workflow("demo_wan21_t2v_planned_tiny.api.json")
+    prompt["12"]["inputs"]["budget_gib"] = 0.0001
+    failed = comfy_server.run(prompt)
+    assert failed.status == "error"
+    message = failed.error["exception_message"]
+    assert message.startswith("Memory Planner: no slicing fits") and "smallest peak reachable" in message
+    assert comfy_server.run(load_workflow("demo_wan21_t2v_planned_tiny.api.json")).status == "success"

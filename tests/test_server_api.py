@@ -79,8 +79,9 @@ def test_memory_monitor_records_every_node_of_the_prompt(comfy_server):
     report = json.loads(report_file.read_text())
     recorded = {step["step_id"]: step for step in report["steps"]}
     assert {"7", "8", "9", "10", "11"} <= set(recorded) <= set(prompt)  # loaders may be cached
+    assert recorded["9"]["label"] == "#9 Memory Monitor" and recorded["7"]["label"] == "#7 KSampler"
     for node_id, step in recorded.items():
-        assert step["label"].endswith(prompt[node_id]["class_type"]) and step["ram_peak"] > 0
+        assert step["label"].startswith(f"#{node_id} ") and step["ram_peak"] > 0
         assert step["finished"] >= step["started"]
     # the report is written at the end of the prompt: it covers the nodes after the monitor too
     assert recorded["10"]["started"] > recorded["9"]["started"]
