@@ -1,13 +1,13 @@
 """Feature Slicer / Operator Grouper / VAE Slicer on a real GPU, stock vs sliced in one run: peak
 memory from torch.cuda statistics (activations: the peak above what was allocated before the call),
-latency from CUDA-synchronised wall time, and the output difference. Full-size models (ComfyUI's
+latency from CUDA-synchronised wall time, the output difference, and the Memory Planner's predicted
+peak (fake tensors) next to the measured one. Full-size models (ComfyUI's
 classes, random weights): SVD img2vid at 576x1024 fp16, 14 frames; Wan 2.1 1.3B DiT and the Wan 2.1
 VAE decode at 480x832 bf16, 81 frames. Writes bench/results/slicing_gpu.json.
 
 Needs CUDA. `--smoke` runs the same code on the micro UNet and small latents on whatever device is
 present (a check of the script, not a measurement)."""
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
+from reporting import write_json  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024 ** 3
 UNET_SETTINGS = {"stock": None, "Feature Slicer (auto)": dict(group_ops=False),
                  "Slicer + Operator Grouper (auto)": dict(group_ops=True)}
@@ -44,22 +45,26 @@ def measured(run, device, repeats):
     return output, seconds, (torch.cuda.max_memory_allocated() - before) if cuda else None
 
 
-def compare(module, run, settings_table, device, repeats, part):
+def compare(module, forward, settings_table, device, repeats, part):
+    """Stock vs each slicing of `forward(module)`, with the Memory Planner's prediction of the peak."""
+    from comfyui_streamline.core.memory_predictor import predict_peak
     from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing
 
     rows, reference = [], None
     for method, arguments in settings_table.items():
-        if arguments is not None:
-            apply_slicing(module, SliceSettings(**arguments))
+        settings = None if arguments is None else SliceSettings(**arguments)
+        predicted = predict_peak(module, lambda twin, _: forward(twin), settings, device.type)
+        if settings is not None:
+            apply_slicing(module, settings)
         try:
             with torch.inference_mode():
-                output, seconds, peak = measured(run, device, repeats)
+                output, seconds, peak = measured(lambda: forward(module), device, repeats)
         finally:
             remove_slicing(module)
         if reference is None:
             reference, stock_seconds = output, seconds
         rows.append(dict(part=part, method=method, seconds=seconds, time_ratio=seconds / stock_seconds,
-                         peak_gib=None if peak is None else peak / GIB,
+                         peak_gib=None if peak is None else peak / GIB, predicted_gib=predicted / GIB,
                          max_abs_diff=((output.float() - reference.float()).abs().max()
                                        / reference.float().abs().max()).item()))
         print(rows[-1])
@@ -73,7 +78,7 @@ def unet_rows(smoke, device, dtype, frames, height, width, repeats):
     context = torch.randn(batch, 1, 1024, device=device, dtype=dtype)
     y = torch.randn(batch, 768, device=device, dtype=dtype)
     indicator = torch.zeros(2, frames, device=device, dtype=dtype)
-    return compare(unet, lambda: unet(x, t, context=context, y=y, num_video_frames=frames, image_only_indicator=indicator),
+    return compare(unet, lambda m: m(x, t, context=context, y=y, num_video_frames=frames, image_only_indicator=indicator),
                    UNET_SETTINGS, device, repeats, f"UNet {frames}f CFG {height * 8}x{width * 8}")
 
 WAN_SETTINGS = {"stock": None, "Slicer + Operator Grouper (auto)": dict(group_ops=True)}
@@ -87,11 +92,11 @@ def wan_rows(smoke, device, repeats):
     x = torch.randn(1, 16, latent_frames, height, width, device=device, dtype=dtype)
     t = torch.full((1,), 0.5, device=device)
     context = torch.randn(1, 512, model_fixtures.WAN_TEXT_DIM, device=device, dtype=dtype)
-    rows = compare(model, lambda: model(x, t, context), WAN_SETTINGS, device, repeats,
+    rows = compare(model, lambda m: m(x, t, context), WAN_SETTINGS, device, repeats,
                    f"Wan 2.1 DiT {4 * latent_frames - 3}f {height * 8}x{width * 8}")
     del model
     vae = model_fixtures.build_wan_vae("tiny" if smoke else "full").first_stage_model.to(device, dtype)
-    return rows + compare(vae, lambda: vae.decode(x), WAN_VAE_SETTINGS, device, repeats,
+    return rows + compare(vae, lambda m: m.decode(x), WAN_VAE_SETTINGS, device, repeats,
                           f"Wan 2.1 VAE decode {4 * latent_frames - 3}f {height * 8}x{width * 8}")
 
 
@@ -110,15 +115,13 @@ def main():
     rows = unet_rows(smoke, device, dtype, frames, height, width, repeats)
     vae = model_fixtures.build_svd_vae().first_stage_model.to(device, dtype)
     latent = torch.randn(frames, 4, height, width, device=device, dtype=dtype)
-    rows += compare(vae, lambda: vae.decode(latent), VAE_SETTINGS, device, repeats,
+    rows += compare(vae, lambda m: m.decode(latent), VAE_SETTINGS, device, repeats,
                     f"VAE decode {frames}f {height * 8}x{width * 8}")
     del vae
     rows += wan_rows(smoke, device, repeats)
     if smoke:
         return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "slicing_gpu.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    write_json("slicing_gpu", {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

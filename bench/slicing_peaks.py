@@ -5,8 +5,6 @@ Memory: activation peaks of full-size SVD img2vid (UNet forward with CFG, tempor
 offloaded decode runs on a fake "cuda" device and counts GPU storage only.
 Output differences and CPU latency: real tensors on the tiny SVD UNet and the real-size temporal VAE
 at a reduced resolution with random weights (the micro SVD UNet: 64 channels, two levels). Writes bench/results/slicing_peaks.json and .png."""
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
-from stock_peaks import FP16, GIB, RESULTS, measure, svd_unet, svd_vae_decode  # noqa: E402
+from reporting import RESULTS, cpu_machine, pyplot, write_json  # noqa: E402
+from stock_peaks import FP16, GIB, measure, svd_unet, svd_vae_decode  # noqa: E402
 
 SETTINGS = {  # name -> SliceSettings arguments (None: stock)
     "stock": None,
@@ -154,12 +153,10 @@ def main():
     memory = memory_rows(LiveStorageTracker)
     memory += diffusers_rows(LiveStorageTracker)
     quality = quality_and_latency_rows()
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     summary = end_to_end(memory)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "slicing_peaks.json").write_text(json.dumps(
-        {"machine": machine, "memory_fake_tensors": memory, "end_to_end": summary, "quality_latency": quality},
-        indent=2) + "\n")
+    write_json("slicing_peaks", {"machine": machine, "memory_fake_tensors": memory, "end_to_end": summary,
+                                 "quality_latency": quality})
     plot(memory, machine)
 
 
@@ -187,9 +184,7 @@ def end_to_end(memory):
 
 
 def plot(rows, machine):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1, 1, 0.6]})
     for ax, part in zip(axes, ("UNet", "VAE decode", "diffusers")):

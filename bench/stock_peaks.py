@@ -1,8 +1,6 @@
 """Activation peaks of stock ComfyUI 0.3.75 on full-size models, measured under fake tensors with the
 dispatch-level live-storage tracker (weights excluded). These are the baselines the slicing nodes are
 compared against. Writes bench/results/stock_peaks.json and .png."""
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -14,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_pack  # noqa: E402
+from reporting import RESULTS, cpu_machine, pyplot, write_json  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024 ** 3
 FP16, BF16 = torch.float16, torch.bfloat16
 
@@ -80,16 +78,13 @@ def main():
         rows.append({"workload": name, "activation_peak_gib": round(peak / GIB, 3),
                      "weights_gib": round(weights / GIB, 3), "seconds": round(time.monotonic() - started, 1)})
         print(f"{name}: {peak / GIB:.2f} GiB activations over {weights / GIB:.2f} GiB weights")
-    RESULTS.mkdir(exist_ok=True)
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, fake tensors"
-    (RESULTS / "stock_peaks.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    machine = cpu_machine() + ", fake tensors"
+    write_json("stock_peaks", {"machine": machine, "rows": rows})
     plot(rows, machine)
 
 
 def plot(rows, machine):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     names = [r["workload"] for r in rows][::-1]

@@ -4,10 +4,8 @@ in token chunks), in one run. Activation peaks of full-size models at 480x832 bf
 tensors with the live-storage tracker (SDPA attention); the stock Wan VAE decode peak for
 comparison; CPU time and output difference on the tiny Wan with real tensors.
 Writes bench/results/wan_peaks.json and .png."""
-import time
-import json
-import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
 from devkit import model_fixtures  # noqa: E402
-from stock_peaks import BF16, GIB, RESULTS, measure, wan  # noqa: E402
+from reporting import RESULTS, cpu_machine, pyplot, write_json  # noqa: E402
+from stock_peaks import BF16, GIB, measure, wan  # noqa: E402
 
 WORKLOADS = [("1.3B", 81, 1), ("1.3B", 81, 2), ("1.3B", 321, 1), ("1.3B", 321, 2), ("14B", 81, 1)]
 VAE_SIZES = {"480x832": (60, 104), "720x1280": (90, 160)}
@@ -98,18 +97,14 @@ def main():
             rows.append(dict(model=f"Wan 2.1 {size}", frames=frames, batch=batch, method=method,
                              peak_gib=peak / GIB, weights_gib=weights / GIB))
             print(f"Wan 2.1 {size} {frames}f batch {batch} {method}: {peak / GIB:.2f} GiB")
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "wan_peaks.json").write_text(json.dumps(
-        {"machine": machine, "rows": rows, "vae": vae_rows(LiveStorageTracker), "latency": latency_rows()},
-        indent=2) + "\n")
+    machine = cpu_machine()
+    write_json("wan_peaks", {"machine": machine, "rows": rows, "vae": vae_rows(LiveStorageTracker),
+                             "latency": latency_rows()})
     plot(rows, machine)
 
 
 def plot(rows, machine):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(10, 6))
     labels = [f"{r['model']} {r['frames']}f b{r['batch']}: {r['method']}" for r in rows][::-1]

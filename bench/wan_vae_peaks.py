@@ -4,8 +4,6 @@ Full-size VAEs under fake tensors with the live-storage tracker (bf16): activati
 (fake "cuda": GPU storage only, for offload_frames); CPU time and output difference on the tiny
 Wan 2.1 VAE with real tensors. Writes bench/results/wan_vae_peaks.json and .png."""
 import copy
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
-from stock_peaks import BF16, GIB, RESULTS, measure  # noqa: E402
+from reporting import RESULTS, cpu_machine, pyplot, write_json  # noqa: E402
+from stock_peaks import BF16, GIB, measure  # noqa: E402
 
 # name -> (builder of the meta module, latent channels, latent frames, latent height, width)
 WORKLOADS = {
@@ -95,18 +94,14 @@ def main():
     import_pack()
     from comfyui_streamline.core.memory_tracker import LiveStorageTracker
 
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     rows = peak_rows(LiveStorageTracker)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "wan_vae_peaks.json").write_text(json.dumps(
-        {"machine": machine, "rows": rows, "latency": latency_rows()}, indent=2) + "\n")
+    write_json("wan_vae_peaks", {"machine": machine, "rows": rows, "latency": latency_rows()})
     plot(rows, machine)
 
 
 def plot(rows, machine):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(10, 6))
     labels = [f"{r['workload']}: {r['method']}" for r in rows][::-1]

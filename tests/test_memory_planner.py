@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from devkit.model_fixtures import build_svd, build_wan
-from test_slicing_nodes import SAMPLING_TOLERANCE, node_output, patcher, relative_difference
+from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
 from test_slicing_wan import sample
 
 

@@ -90,6 +90,6 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
         out_dtype = torch.promote_types(x.dtype, e[2].dtype)
         out = x if may_overwrite_input(x, out_dtype, transformer_options) else None
         x = run_stage([self_attention], x, 1, chunks, settings.group_ops, out=out)
-        del k, v
+        k = v = None  # the keys and values are freed before the FFN stage
         return run_stage([cross_attention, feed_forward], x, 1, chunks, settings.group_ops, out=x)
     return forward
