@@ -20,6 +20,11 @@ from .slicing.settings import AUTO_STRIP_WIDTH, AUTO_TOKEN_ELEMENTS
 from .slicing.temporal import derives_from
 
 
+# Models whose block stack passes one tensor of fixed size from block to block, with nothing kept
+# across blocks: the stack peaks alike inside any block, so the prediction runs two of them.
+REPEATED_STACKS = {"WanModel": "blocks"}
+
+
 def meta_twin(module: nn.Module) -> nn.Module:
     """A copy of `module` whose parameters and buffers are on the meta device (no data copied)."""
     memo = {}
@@ -40,6 +45,9 @@ def predict_peak(module: nn.Module, forward: Callable[[nn.Module, str], object],
     """Activation peak in bytes of `forward(model, device)` on a fake twin of `module` on `device`
     (only that device's storage is counted), sliced with `settings` when given."""
     twin = meta_twin(module)
+    stack = REPEATED_STACKS.get(type(twin).__name__)
+    if stack is not None:
+        setattr(twin, stack, getattr(twin, stack)[:2])
     with FakeTensorMode(allow_non_fake_inputs=True):
         materialize_fake(twin, device)
         if settings is not None:

@@ -27,15 +27,19 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        self._track(output)
+        # An output viewing an input's storage that is not tracked (a weight's transpose, a
+        # parameter returned by .to()) allocates nothing.
+        untracked_inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                            if isinstance(t, torch.Tensor)} - self._views.keys()
+        self._track(output, untracked_inputs)
         return output
 
     def track_existing(self, *tensors) -> None:
         self._track(tensors)
 
-    def _track(self, tree) -> None:
+    def _track(self, tree, skip: frozenset = frozenset()) -> None:
         for tensor in tree_flatten(tree)[0]:
-            if isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in skip:
                 self._add(tensor)
 
     def _add(self, tensor: torch.Tensor) -> None:

@@ -34,6 +34,19 @@ def test_views_share_their_storage_and_release_with_the_last_one(pack):
     assert tracker.current == 0 and tracker.peak == MIB
 
 
+def test_views_of_storage_that_existed_before_cost_nothing(pack):
+    """A linear layer's weight transpose or a parameter returned by .to() allocates nothing."""
+    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+
+    weight = torch.nn.Parameter(torch.ones(1024, 1024))  # 4 MiB
+    x = torch.ones(8, 1024)
+    with torch.inference_mode(), LiveStorageTracker() as tracker:
+        same = weight.to(dtype=torch.float32)
+        y = torch.nn.functional.linear(x, weight)
+    assert same is weight
+    assert tracker.peak == tracker.current == y.untyped_storage().nbytes() == 8 * 1024 * 4
+
+
 def test_counts_full_size_shapes_under_fake_tensors(pack):
     from comfyui_streamline.core.memory_tracker import LiveStorageTracker
 
