@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,7 @@ class DeviceMemory:
     reserved: int
     nvml_used: int | None = None
     nvml_total: int | None = None
+    nvml_process_used: int | None = None  # this process's share, as the driver counts it
 
 
 @dataclass
@@ -45,8 +47,8 @@ def _process_ram_peak() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _nvml_usage() -> dict[int, tuple[int, int]]:
-    """Device-wide (used, total) bytes per CUDA index, or {} when NVML is not available."""
+def _nvml_usage() -> dict[int, tuple[int, int, int]]:
+    """(device-wide used, total, used by this process) bytes per GPU index, or {} without NVML."""
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -56,9 +58,15 @@ def _nvml_usage() -> dict[int, tuple[int, int]]:
     try:
         usage = {}
         for index in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-            usage[index] = (int(info.used), int(info.total))
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            mine = sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                       if p.pid == os.getpid())
+            usage[index] = (int(info.used), int(info.total), int(mine))
         return usage
+    except pynvml.NVMLError as error:  # a device gone or in a bad state: no reading this time
+        logging.debug("NVML reading failed: %s", error)
+        return {}
     finally:
         pynvml.nvmlShutdown()
 
@@ -66,7 +74,7 @@ def _nvml_usage() -> dict[int, tuple[int, int]]:
 def nvml_used() -> int | None:
     """Device-wide VRAM in use (all processes) over all GPUs, from NVML; None without NVML or a GPU."""
     usage = _nvml_usage() if torch.cuda.is_available() else {}
-    return sum(used for used, _ in usage.values()) if usage else None
+    return sum(used for used, _, _ in usage.values()) if usage else None
 
 
 def read_memory() -> MemorySnapshot:
@@ -78,7 +86,7 @@ def read_memory() -> MemorySnapshot:
     if not nvml:
         snapshot.vram_note = "NVML unavailable: device-wide VRAM not reported, torch statistics only"
     for index in range(torch.cuda.device_count()):
-        used, total = nvml.get(index, (None, None))
+        used, total, mine = nvml.get(index, (None, None, None))
         snapshot.devices.append(DeviceMemory(
             device=f"cuda:{index}",
             name=torch.cuda.get_device_name(index),
@@ -87,6 +95,7 @@ def read_memory() -> MemorySnapshot:
             reserved=torch.cuda.memory_reserved(index),
             nvml_used=used,
             nvml_total=total,
+            nvml_process_used=mine,
         ))
     return snapshot
 
@@ -99,7 +108,8 @@ def format_summary(snapshot: MemorySnapshot) -> str:
     for dev in snapshot.devices:
         line = f"{dev.device} ({dev.name}): {gib(dev.allocated)} allocated, {gib(dev.peak_allocated)} peak"
         if dev.nvml_total is not None:
-            line += f", {gib(dev.nvml_used)} of {gib(dev.nvml_total)} used device-wide"
+            line += (f", {gib(dev.nvml_used)} of {gib(dev.nvml_total)} used device-wide"
+                     f" ({gib(dev.nvml_process_used)} by this process)")
         lines.append(line)
     if snapshot.vram_note:
         lines.append(snapshot.vram_note)

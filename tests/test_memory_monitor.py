@@ -69,3 +69,48 @@ def test_says_vram_is_unavailable_without_a_gpu(pack):
         assert snapshot.devices and "cuda:0" in format_summary(snapshot)
     else:
         assert snapshot.devices == [] and "VRAM unavailable" in format_summary(snapshot)
+
+
+class _StubNVML:
+    """pynvml's surface as the memory API uses it: two GPUs, this process on the first."""
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, fail=False):
+        self.fail, self.shut = fail, False
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        if self.fail:
+            raise self.NVMLError("GPU is lost")
+        return type("Info", (), {"used": (handle + 1) * 2 ** 30, "total": 80 * 2 ** 30})
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        import os
+        return [type("Process", (), {"pid": os.getpid(), "usedGpuMemory": 2 ** 29})] if handle == 0 else []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_nvml_readings_and_a_failing_nvml(pack, monkeypatch, fail):
+    """Device-wide VRAM from NVML (all processes, all GPUs); an NVML error mid-run means no reading,
+    not a crash of the sampler."""
+    import sys
+
+    from comfyui_streamline.core import memory
+
+    stub = _StubNVML(fail)
+    monkeypatch.setitem(sys.modules, "pynvml", stub)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memory.nvml_used() == (None if fail else 3 * 2 ** 30)
+    assert stub.shut
