@@ -103,7 +103,8 @@ class VAESlicer(io.ComfyNode):
             description="Makes a stock VAE Decode of a video run sliced, with the stock output at a fraction "
                         "of the memory. SVD's temporal VAE: all frames decode together with their full "
                         "temporal context. Wan 2.1 / 2.2 VAE: each frame decodes in strips along its longer "
-                        "side (strip_chunks, 0 = strips 256 pixels wide), exact, without tile seams.",
+                        "side (strip_chunks, 0 = strips 256 pixels wide; frame_chunks and group_ops do not "
+                        "apply), exact, without tile seams.",
             inputs=[io.Vae.Input("vae"), *_chunk_inputs(),
                     io.Boolean.Input("group_ops", default=True,
                                      tooltip="Also group op chains (Operator Grouper) inside the decoder."),
