@@ -1,13 +1,14 @@
 """The Memory Planner's dry-run predictor against measurement, in one run: predicted activation peak
-(fake tensors on a weightless twin) vs the same forward with real fp32 tensors (random weights), measured
-by the live-storage tracker and, independently, by the process RSS sampled at 10 Hz; plus how long a
-prediction takes for full-size models. CPU (this machine); bench/slicing_gpu.py compares against
-torch.cuda on a GPU. Writes bench/results/predictor_accuracy.json and .png."""
+(fake tensors on a weightless twin) vs the same forward with real fp32 tensors (random weights),
+measured by the live-storage tracker; plus how long a prediction takes for full-size models. CPU (this
+machine; process RSS is no check here: the allocator keeps freed memory, so RSS rises only with new
+highs of the whole process); bench/slicing_gpu.py compares against torch.cuda on a GPU.
+Writes bench/results/predictor_accuracy.json and .png."""
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,21 +39,11 @@ def real_workloads():
     yield "Wan 2.1 VAE decode 5f 160x288", vae, decode, [None, SliceSettings()]
 
 
-def rss_peak_during(run):
-    """Peak RSS above the RSS before `run`, sampled every 0.1 s by the Memory Monitor's recorder."""
-    from comfyui_streamline.core.memory_recording import Recorder
-
-    before = psutil.Process().memory_info().rss
-    with Recorder("bench") as recorder:
-        recorder.start_step("run", "run")
-        run()
-    return max(0, recorder.recording.peaks()["ram"] - before)
-
-
 def accuracy_rows():
     from comfyui_streamline.core.memory_predictor import predict_peak
     from comfyui_streamline.core.memory_tracker import LiveStorageTracker
     from comfyui_streamline.core.slicing import slicing_applied
+    from comfyui_streamline.nodes.planner import describe
 
     rows = []
     for name, module, forward, ladder in real_workloads():
@@ -60,20 +51,12 @@ def accuracy_rows():
             started = time.perf_counter()
             predicted = predict_peak(module, forward, settings, "cpu")
             predict_seconds = time.perf_counter() - started
-            with torch.inference_mode():
-                def run():
-                    with LiveStorageTracker("cpu") as tracker:
-                        forward(module, "cpu")
-                    run.tracked = tracker.peak
-                if settings is None:
-                    rss = rss_peak_during(run)
-                else:
-                    with slicing_applied(module, settings):
-                        rss = rss_peak_during(run)
-            rows.append(dict(workload=name, slicing="stock" if settings is None else "Slicer + Grouper",
-                             predicted_gib=predicted / GIB, measured_tracker_gib=run.tracked / GIB,
-                             measured_rss_gib=rss / GIB, error_vs_tracker=predicted / run.tracked - 1,
-                             error_vs_rss=predicted / rss - 1 if rss else None, predict_seconds=predict_seconds))
+            with torch.inference_mode(), slicing_applied(module, settings) if settings else nullcontext(), \
+                    LiveStorageTracker("cpu") as measured:
+                forward(module, "cpu")
+            rows.append(dict(workload=name, slicing=describe(settings), predicted_gib=predicted / GIB,
+                             measured_gib=measured.peak / GIB, error=predicted / measured.peak - 1,
+                             predict_seconds=predict_seconds))
             print(rows[-1], flush=True)
     return rows
 
@@ -82,6 +65,7 @@ def speed_rows():
     """Seconds per prediction of full-size models (81 frames at 480x832, CFG)."""
     from comfyui_streamline.core.memory_predictor import Workload, model_forward, predict_peak
     from comfyui_streamline.core.slicing import SliceSettings
+    from comfyui_streamline.nodes.planner import describe
 
     rows = []
     for size in ("1.3B", "14B"):
@@ -90,8 +74,8 @@ def speed_rows():
         for settings in (None, SliceSettings(group_ops=True)):
             started = time.perf_counter()
             peak = predict_peak(model, forward, settings, "cuda")
-            rows.append(dict(workload=f"Wan 2.1 {size} 81f 480x832 CFG", slicing="stock" if settings is None
-                             else "Slicer + Grouper", predicted_gib=peak / GIB, seconds=time.perf_counter() - started))
+            rows.append(dict(workload=f"Wan 2.1 {size} 81f 480x832 CFG", slicing=describe(settings),
+                             predicted_gib=peak / GIB, seconds=time.perf_counter() - started))
             print(rows[-1], flush=True)
     return rows
 
@@ -111,10 +95,9 @@ def plot(rows, machine):
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [f"{r['workload']}\n{r['slicing']}" for r in rows]
     positions = range(len(rows))
-    for offset, key, name in ((-0.27, "predicted_gib", "predicted (fake tensors)"),
-                              (0, "measured_tracker_gib", "measured: live tensor storage"),
-                              (0.27, "measured_rss_gib", "measured: process RSS (10 Hz)")):
-        ax.bar([p + offset for p in positions], [r[key] for r in rows], width=0.27, label=name)
+    for offset, key, name in ((-0.2, "predicted_gib", "predicted (fake tensors, weightless twin)"),
+                              (0.2, "measured_gib", "measured (real tensors, live tensor storage)")):
+        ax.bar([p + offset for p in positions], [r[key] for r in rows], width=0.4, label=name)
     ax.set_xticks(list(positions), labels, fontsize=7)
     ax.set_ylabel("activation peak (GiB)")
     ax.legend(fontsize=8)
