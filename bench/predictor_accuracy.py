@@ -5,6 +5,7 @@ machine; process RSS is no check here: the allocator keeps freed memory, so RSS 
 highs of the whole process); bench/slicing_gpu.py compares against torch.cuda on a GPU.
 Writes bench/results/predictor_accuracy.json and .png."""
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -93,7 +94,8 @@ def plot(rows, machine):
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = [f"{r['workload']}\n{r['slicing']}" for r in rows]
+    labels = [textwrap.fill(r["workload"], 18) + ("\nstock" if r["slicing"].startswith("stock") else "\nsliced")
+              for r in rows]
     positions = range(len(rows))
     for offset, key, name in ((-0.2, "predicted_gib", "predicted (fake tensors, weightless twin)"),
                               (0.2, "measured_gib", "measured (real tensors, live tensor storage)")):
