@@ -27,8 +27,8 @@ def describe(settings) -> str:
 
 def oom_retry(finer):
     """An APPLY_MODEL wrapper: after an out-of-memory error, this and every later step of the
-    model's sampling run with the diffusion model sliced with `finer` (the input model's own
-    forwards are back in place after each step)."""
+    planned model (also in later prompts) run with the diffusion model sliced with `finer` (the
+    input model's own forwards are back in place after each step)."""
     state = {"finer": False}
 
     def wrapper(executor, *args, **kwargs):
