@@ -189,14 +189,20 @@ def apply_slicing(target, settings: SliceSettings):
             f"{type(target).__name__} has no model with video blocks that Streamline can slice. Supported: {SUPPORTED}.")
     for model, patches in plans:
         remove_slicing(model)
-        installed = []
-        for path, value in patches.items():
-            owner_path, _, attribute = path.rpartition(".")
-            owner = model.get_submodule(owner_path)
-            setattr(owner, attribute, value)
-            installed.append((owner, attribute))
-        setattr(model, _INSTALLED, installed)
+        setattr(model, _INSTALLED, [(owner, attribute) for owner, attribute, _ in _install(model, patches)])
     return target
+
+
+def _install(model: nn.Module, patches: dict) -> list:
+    """Sets every patch (attribute path from `model` -> value); returns (owner, attribute, what the
+    owner's instance held before, or _MISSING) per patch."""
+    installed = []
+    for path, value in patches.items():
+        owner_path, _, attribute = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        installed.append((owner, attribute, owner.__dict__.get(attribute, _MISSING)))
+        setattr(owner, attribute, value)
+    return installed
 
 
 def remove_slicing(target):
@@ -211,13 +217,8 @@ def remove_slicing(target):
 def slicing_applied(model: nn.Module, settings: SliceSettings):
     """`model` sliced with `settings` inside the with-block only; afterwards every attribute it
     patched is as it was, including forwards that others (a ComfyUI ModelPatcher) had installed."""
-    saved = []
+    saved = _install(model, slicing_patches(model, settings))
     try:
-        for path, value in slicing_patches(model, settings).items():
-            owner_path, _, attribute = path.rpartition(".")
-            owner = model.get_submodule(owner_path)
-            saved.append((owner, attribute, owner.__dict__.get(attribute, _MISSING)))
-            setattr(owner, attribute, value)
         yield model
     finally:
         for owner, attribute, previous in reversed(saved):
