@@ -88,13 +88,15 @@ WAN_VARIANTS = {  # variant -> (ComfyUI model config class, config changes)
 }
 
 
-def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0, variant: str = "2.1 t2v"):
+def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0, variant: str = "2.1 t2v",
+              layers: int | None = None):
     """ComfyUI's Wan BaseModel (WanModel inside `.diffusion_model`): Wan 2.1 text-to-video unless
-    `variant` names another of WAN_VARIANTS."""
+    `variant` names another of WAN_VARIANTS; `layers` overrides the number of transformer blocks."""
     import_comfyui()
     import comfy.supported_models as sm
     config_class, changes = WAN_VARIANTS[variant]
-    return _build(getattr(sm, config_class), {**WAN_CONFIGS[size], **changes}, dtype, device, seed)
+    config = {**WAN_CONFIGS[size], **changes, **({"num_layers": layers} if layers else {})}
+    return _build(getattr(sm, config_class), config, dtype, device, seed)
 
 
 def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..kv_carry import KV_CARRY
 from .settings import SliceSettings
 from .slices import chunk_slices, run_stage
 from .temporal import host_function
@@ -64,12 +65,18 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
 
         # (the stock block makes x contiguous first: an extra full copy, as the first block's input is
         # a transposed view; chunks of the view serve as well)
-        k, v = x.new_empty(x.shape), x.new_empty(x.shape)  # new_empty is contiguous
+        carry = transformer_options.get(KV_CARRY)  # DualParal: keys/values of a neighbouring block
+        appended = carry.appended_tokens if carry else 0
+        k, v = (x.new_empty((batch, tokens + appended, x.shape[2])) for _ in range(2))  # contiguous
         for s in chunk_slices(tokens, chunks):
             h = modulated_norm(x[:, s], s)
-            k[:, s] = apply_rope1(attention.norm_k(attention.k(h)).view(batch, -1, heads, head_dim), rope_at(s)).flatten(2)
-            v[:, s] = attention.v(h)
-            del h
+            k_raw, v[:, s] = attention.norm_k(attention.k(h)), attention.v(h)
+            if carry:
+                carry.keep_part(s, k_raw, v[:, s])
+            k[:, s] = apply_rope1(k_raw.view(batch, -1, heads, head_dim), rope_at(s)).flatten(2)
+            del h, k_raw
+        if carry:
+            carry.fill_appended(k[:, tokens:], v[:, tokens:], apply_rope1, heads)
 
         def self_attention(xs, s):
             q = attention.norm_q(attention.q(modulated_norm(xs, s))).view(batch, -1, heads, head_dim)

@@ -1,0 +1,7 @@
+"""DualParal: block-wise, layer-pipelined long-video sampling of Wan DiT models over several ranks."""
+from .pipeline import RankStats, Sampling
+from .runner import DualParalRequest, parse_devices, run_in_process, run_in_workers
+from .schedule import BlockPlan, DualParalError, layer_ranges
+
+__all__ = ["BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "layer_ranges",
+           "parse_devices", "run_in_process", "run_in_workers"]

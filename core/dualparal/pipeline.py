@@ -1,0 +1,179 @@
+"""The DualParal pipeline over ranks: the first rank holds the latent blocks and the sampler, every
+rank runs its layers for each job in the schedule's order and hands the hidden states on in a ring
+(the last rank hands the model's prediction back to the first).
+
+Sampling is ComfyUI's flow-matching Euler step on the denoised prediction (CONST model sampling),
+with classifier-free guidance combined on the denoised predictions as ComfyUI's cfg_function does.
+A job needs the states its block and the block before it had at the end of the previous
+iteration; with several ranks the first rank takes in pending predictions only when a job needs
+them, so the ring stays full while enough blocks are in flight.
+"""
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .schedule import BlockPlan, Job
+from .wan_stage import WanStage
+
+
+@dataclass
+class Sampling:
+    sigmas: torch.Tensor  # steps + 1 noise levels, float32
+    timesteps: list  # the model's timestep for each step's sigma
+    cfg: float
+    context: torch.Tensor  # text conditioning, [positive, negative] along the batch (positive only at cfg 1)
+
+    @property
+    def batch(self) -> int:
+        return self.context.shape[0]
+
+
+@dataclass
+class RankStats:
+    rank: int
+    device: str
+    layers: tuple  # (first, stop) transformer layer indices
+    jobs: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    sent_bytes: int = 0
+    peak_bytes: int = 0
+    job_compute_s: list = field(default_factory=list)
+
+
+class Ring:
+    """Point-to-point sends to the next rank and receives from the previous one (wrapping around)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, stats: RankStats):
+        self.next, self.previous = (rank + 1) % world, (rank - 1) % world
+        self.device, self.stats = device, stats
+        self._in_flight = deque()
+
+    def send(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        self._in_flight.append((dist.isend(tensor, self.next), tensor))
+        self.stats.sent_bytes += tensor.numel() * tensor.element_size()
+        while len(self._in_flight) > 2:
+            self._in_flight.popleft()[0].wait()
+
+    def receive(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        started = time.perf_counter()
+        dist.recv(buffer, self.previous)
+        self.stats.wait_s += time.perf_counter() - started
+        return buffer
+
+    def close(self) -> None:
+        while self._in_flight:
+            self._in_flight.popleft()[0].wait()
+
+
+class _Timer:
+    def __init__(self, stats: RankStats, device: torch.device):
+        self.stats, self.cuda = stats, device.type == "cuda"
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.started
+        self.stats.compute_s += seconds
+        self.stats.job_compute_s.append(seconds)
+        self.stats.jobs += 1
+
+
+class FirstRank:
+    """The latent blocks being denoised, their sampler updates, and the finished output."""
+
+    def __init__(self, stage: WanStage, plan: BlockPlan, sampling: Sampling, latent: torch.Tensor,
+                 noise: torch.Tensor, output: torch.Tensor):
+        self.stage, self.plan, self.sampling = stage, plan, sampling
+        self.latent, self.noise, self.output = latent, noise, output
+        self.blocks = plan.blocks
+        self.states = {}
+
+    def _frames(self, block: int) -> torch.Tensor:
+        if block in self.states:
+            return self.states[block]
+        frames = self.blocks[block]  # finished: its final state is in the output
+        return self.output[:, :, frames.start:frames.stop].to(self.stage.device)
+
+    def input(self, job: Job) -> torch.Tensor:
+        if job.step == 0:
+            frames = self.blocks[job.block]
+            sigma = self.sampling.sigmas[0]
+            self.states[job.block] = (sigma * self.noise[:, :, frames.start:frames.stop]
+                                      + (1.0 - sigma) * self.latent[:, :, frames.start:frames.stop]
+                                      ).to(self.stage.device)
+        own = self.states[job.block]
+        if job.context_frames:
+            own = torch.cat([self._frames(job.block - 1)[:, :, -job.context_frames:], own], dim=2)
+        return own.expand(self.sampling.batch, *own.shape[1:])
+
+    def update(self, job: Job, prediction: torch.Tensor) -> None:
+        x = self.states[job.block]
+        sigma, sigma_next = self.sampling.sigmas[job.step], self.sampling.sigmas[job.step + 1]
+        denoised = x - prediction * sigma
+        if denoised.shape[0] == 2:
+            denoised = denoised[1:] + (denoised[:1] - denoised[1:]) * self.sampling.cfg
+        x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        if job.step == self.plan.steps - 1:
+            frames = self.blocks[job.block]
+            self.output[:, :, frames.start:frames.stop] = x.to(self.output.device)
+            del self.states[job.block]
+        else:
+            self.states[job.block] = x
+
+
+def run_rank(stage: WanStage, plan: BlockPlan, sampling: Sampling, stats: RankStats, ring: Optional[Ring] = None,
+             first_rank: Optional[FirstRank] = None, progress: Callable[[int, int], None] = lambda done, total: None):
+    """Runs every job of `plan` on this rank. The first rank passes `first_rank`; with one rank
+    (no ring) it runs the whole model and updates in place."""
+    context = stage.text(sampling.context)
+    batch = sampling.batch
+    timer = _Timer(stats, stage.device)
+    jobs = plan.jobs()
+    pending = deque()
+    done = 0
+
+    def take_prediction():
+        nonlocal done
+        job = pending.popleft()
+        first_rank.update(job, ring.receive((batch, stage.model.out_dim, job.frames, stage.height, stage.width),
+                                            torch.float32))
+        done += 1
+        progress(done, len(jobs))
+
+    for job in jobs:
+        e, e0 = stage.time(sampling.timesteps[job.step], batch)
+        if stage.first:
+            while any(p.iteration < job.iteration and p.block in (job.block, job.block - 1) for p in pending):
+                take_prediction()
+            hidden = first_rank.input(job)
+        else:
+            hidden = ring.receive(stage.hidden_shape(job, batch), stage.dtype)
+        with timer:
+            if stage.first:
+                hidden = stage.embed(hidden)
+            hidden = stage.layers(hidden, job, e0, context)
+            if stage.last:
+                hidden = stage.head(hidden, job, e)
+        if ring is None:
+            first_rank.update(job, hidden)
+            done += 1
+            progress(done, len(jobs))
+        else:
+            ring.send(hidden)
+            if stage.first:
+                pending.append(job)
+        del hidden
+    while pending:
+        take_prediction()
+    if ring is not None:
+        ring.close()

@@ -1,0 +1,102 @@
+"""Worker processes for the ranks: spawned, handed their payload, watched, and always cleaned up.
+
+A worker that dies (killed, out of memory) or fails stops the run: the others are killed at once
+and the error names the rank. Interrupts from the host (`check_interrupt` raising) do the same.
+"""
+import multiprocessing
+import queue
+import runpy
+import sys
+import time
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+CORE_DIR = Path(__file__).resolve().parents[1]
+BOOTSTRAP = Path(__file__).with_name("worker_bootstrap.py")
+POLL_S = 0.2
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+@contextmanager
+def _main_module_hidden():
+    """spawn re-imports the parent's __main__ module in each child; the host's (ComfyUI's main.py,
+    which parses the command line and starts a server) must not run there."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _describe_exit(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def run_workers(payloads: list, environments: list, host_setup: list, progress: Callable[[int, int], None],
+                check_interrupt: Callable[[], None]) -> list:
+    """Runs one worker per payload; returns each rank's statistics (dicts), in rank order."""
+    context = multiprocessing.get_context("spawn")
+    outbox = context.Queue()
+    inboxes = [context.Queue() for _ in payloads]
+    processes = [context.Process(
+        target=runpy.run_path, args=(str(BOOTSTRAP),), daemon=True, name=f"streamline-dualparal-rank{rank}",
+        kwargs={"run_name": "streamline_dualparal_worker", "init_globals": {
+            "CORE_DIR": str(CORE_DIR), "ENVIRONMENT": environment, "HOST_SETUP": host_setup,
+            "INBOX": inbox, "OUTBOX": outbox}})
+        for rank, (inbox, environment) in enumerate(zip(inboxes, environments))]
+    try:
+        with _main_module_hidden():
+            for process in processes:
+                process.start()
+        for inbox, payload in zip(inboxes, payloads):
+            inbox.put(payload)
+        return _collect(processes, outbox, progress, check_interrupt)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(timeout=30)
+        for channel in (outbox, *inboxes):
+            channel.cancel_join_thread()
+            channel.close()
+
+
+def _collect(processes, outbox, progress, check_interrupt) -> list:
+    stats = {}
+    while len(stats) < len(processes):
+        check_interrupt()
+        try:
+            message = outbox.get(timeout=POLL_S)
+        except queue.Empty:
+            _raise_if_dead(processes, stats)
+            continue
+        kind, *body = message
+        if kind == "progress":
+            progress(*body)
+        elif kind == "done":
+            stats[body[0]] = body[1]
+        else:
+            time.sleep(1.0)  # a rank failing because a peer died: blame the dead peer
+            _raise_if_dead(processes, stats, also=f"rank {body[0]} reported: {body[1]}")
+            raise WorkerError(f"DualParal rank {body[0]} failed: {body[1]}")
+    for process in processes:
+        process.join(timeout=30)
+    return [stats[rank] for rank in range(len(processes))]
+
+
+def _raise_if_dead(processes, finished, also: str = "") -> None:
+    """Raises for a worker that ended without a word: exit code 0 follows its statistics and 1 its
+    error report, both still on their way through the queue."""
+    dead = [(rank, p.exitcode) for rank, p in enumerate(processes)
+            if p.exitcode not in (None, 0, 1) and rank not in finished]
+    if dead:
+        rank, code = dead[0]
+        raise WorkerError(f"DualParal worker rank {rank} stopped ({_describe_exit(code)}); the run was cancelled "
+                          f"and all workers were stopped.{' ' + also if also else ''}")

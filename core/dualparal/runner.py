@@ -1,0 +1,121 @@
+"""DualParal runs: devices, validation before anything starts, one rank in this process or one
+worker process per rank."""
+import os
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..slicing import SliceSettings, slicing_applied
+from .memory import peak_memory
+from .noise import coordinated_noise
+from .pipeline import FirstRank, RankStats, Sampling, run_rank
+from .processes import run_workers
+from .schedule import BlockPlan, DualParalError, layer_ranges
+from .wan_stage import WanStage, check_supported, feature_cache_installed, rank_model
+
+
+def parse_devices(text: str, cuda_count: int) -> list:
+    """`auto` (every visible GPU, else one CPU rank), `cuda:0,cuda:1`, or `cpu:N` (N CPU ranks)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return [torch.device("cuda", i) for i in range(cuda_count)] or [torch.device("cpu")]
+    if text.startswith("cpu"):
+        count = text[4:] if text.startswith("cpu:") else "1"
+        if text not in ("cpu", f"cpu:{count}") or not count.isdigit() or int(count) < 1:
+            raise DualParalError(f"devices '{text}': write cpu:N with N >= 1 CPU processes (e.g. cpu:2).")
+        return [torch.device("cpu")] * int(count)
+    devices = []
+    for name in (part.strip() for part in text.split(",")):
+        index = name[5:]
+        if not name.startswith("cuda:") or not index.isdigit():
+            raise DualParalError(f"devices: '{name}' is not a device; write auto, cpu:N or a list like cuda:0,cuda:1.")
+        if int(index) >= cuda_count:
+            visible = f"cuda:0 to cuda:{cuda_count - 1}" if cuda_count else "none"
+            raise DualParalError(f"devices: {name} does not exist; this machine has {cuda_count} visible GPU(s) "
+                                 f"({visible}). Use auto, a list of those, or cpu:N.")
+        device = torch.device("cuda", int(index))
+        if device in devices:
+            raise DualParalError(f"devices: {name} is listed twice; give each GPU once.")
+        devices.append(device)
+    return devices
+
+
+@dataclass
+class DualParalRequest:
+    model: nn.Module  # ComfyUI's WanModel
+    dtype: torch.dtype  # the model's compute dtype
+    devices: list
+    plan: BlockPlan
+    sampling: Sampling
+    latent: torch.Tensor  # (1, channels, frames, height, width), float32, in the model's latent space
+    seed: int
+    slicing: Optional[SliceSettings] = None
+
+    def validate(self) -> list:
+        """Everything that can be checked before a process starts; returns each rank's layers."""
+        check_supported(self.model, tuple(self.latent.shape))
+        if self.latent.shape[0] != 1:
+            raise DualParalError(f"the latent holds a batch of {self.latent.shape[0]} videos; DualParal samples one "
+                                 f"video at a time: set the batch size to 1.")
+        if self.plan.frames != self.latent.shape[2]:
+            raise DualParalError("the block plan does not match the latent's length")
+        return layer_ranges(len(self.model.blocks), len(self.devices))
+
+
+def run_in_process(request: DualParalRequest, progress: Callable[[int, int], None]) -> tuple:
+    """One rank here, on the model as the host loaded it: (latent, [RankStats])."""
+    ranges = request.validate()
+    device = request.devices[0]
+    noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
+    output = torch.zeros_like(request.latent)
+    model = request.model
+    stage = WanStage(model, request.dtype, device, *request.latent.shape[3:])
+    stats = RankStats(0, str(device), (ranges[0].start, ranges[0].stop))
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(feature_cache_installed(model.blocks))
+        if request.slicing is not None:
+            stack.enter_context(slicing_applied(model.blocks, request.slicing))
+        stack.enter_context(peak_memory(device, stats))
+        run_rank(stage, request.plan, request.sampling, stats, None,
+                 FirstRank(stage, request.plan, request.sampling, request.latent, noise, output), progress)
+    return output, [stats]
+
+
+def _cuda_visible(device: torch.device) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of `device` as this process numbers it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[device.index].strip() if visible else str(device.index)
+
+
+def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callable[[int, int], None],
+                   check_interrupt: Callable[[], None], init_file: str) -> tuple:
+    """One spawned process per device (gloo between CPU ranks, NCCL between GPUs), each holding only
+    its layers; the weights are shared with this process, not copied. `init_file`: a path no other
+    run uses, for the process group's rendezvous."""
+    ranges = request.validate()
+    backends = {d.type for d in request.devices}
+    if len(backends) > 1:
+        raise DualParalError("devices mix CPU and GPUs; use GPUs only or cpu:N only.")
+    world = len(request.devices)
+    latent = request.latent.share_memory_()
+    noise = coordinated_noise(tuple(latent.shape), request.plan, request.seed).share_memory_()
+    output = torch.zeros_like(latent).share_memory_()
+    threads = max(1, (os.cpu_count() or 1) // world)
+    payloads, environments = [], []
+    for rank, (device, layers) in enumerate(zip(request.devices, ranges)):
+        first = rank == 0
+        payloads.append({
+            "rank": rank, "world": world, "backend": "nccl" if device.type == "cuda" else "gloo",
+            "init_method": f"file://{init_file}", "device": "cuda:0" if device.type == "cuda" else "cpu",
+            "threads": threads, "layers": (layers.start, layers.stop), "dtype": request.dtype,
+            "model": rank_model(request.model, layers, first=first, last=rank == world - 1),
+            "latent_shape": tuple(latent.shape), "plan": asdict(request.plan), "sampling": dict(vars(request.sampling)),
+            "slicing": None if request.slicing is None else asdict(request.slicing),
+            **({"latent": latent, "noise": noise, "output": output} if first else {})})
+        environments.append({"CUDA_VISIBLE_DEVICES": _cuda_visible(device) if device.type == "cuda" else ""})
+    stats = run_workers(payloads, environments, host_setup, progress, check_interrupt)
+    return output.clone(), [RankStats(**{**s, "device": str(d)}) for s, d in zip(stats, request.devices)]

@@ -1,0 +1,154 @@
+"""One rank's part of ComfyUI's Wan DiT (wan/model.py WanModel), recognised by its structure.
+
+The first rank embeds the latent patches, every rank runs its contiguous range of transformer
+blocks, the last rank runs the head. The pieces are the model's own modules and methods, called the
+way WanModel.forward_orig calls them, so a single rank computes what the stock forward computes.
+"""
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..kv_carry import KV_CARRY, KVCarry
+from ..slicing.temporal import host_function
+from .schedule import DualParalError, Job
+
+WAN_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
+             "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim")
+
+
+def check_supported(model: nn.Module, latent_shape: tuple) -> None:
+    if type(model).__name__ != "WanModel" or not all(hasattr(model, part) for part in WAN_PARTS):
+        raise DualParalError(f"DualParal runs ComfyUI's Wan 2.1 / 2.2 text-to-video DiT; this MODEL holds "
+                             f"{type(model).__name__}. Load a Wan text-to-video model (e.g. wan2.1_t2v_1.3B).")
+    if getattr(model, "img_emb", None) is not None or model.patch_embedding.in_channels != model.out_dim:
+        raise DualParalError("this is an image-to-video Wan model (it needs CLIP image tokens or image latents "
+                             "concatenated to the input), which DualParal does not pass: use a text-to-video Wan "
+                             "2.1 / 2.2 model.")
+    channels, height, width = latent_shape[1], latent_shape[3], latent_shape[4]
+    if channels != model.out_dim:
+        raise DualParalError(f"the latent has {channels} channels, the model takes {model.out_dim}: make it with "
+                             f"the latent node for this model (Wan 2.1: 16 channels, Wan 2.2 5B: 48).")
+    _, patch_h, patch_w = model.patch_size
+    if height % patch_h or width % patch_w:
+        raise DualParalError(f"the latent is {height}x{width}; DualParal needs multiples of the model's patch "
+                             f"size {patch_h}x{patch_w} (images of a multiple of {8 * patch_h} pixels).")
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree sharing every parameter and buffer, without instance-level forward
+    overrides (ComfyUI object patches): what a worker process can be sent and patch by itself."""
+    clone = copy.copy(module)
+    clone.__dict__.pop("forward", None)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: None if child is None else plain_copy(child) for name, child in module._modules.items()}
+    return clone
+
+
+def rank_model(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+    """The parts of `model` one rank runs: its blocks, the patch embedding on the first rank, the head
+    on the last; the time and text embeddings everywhere (every rank modulates its blocks)."""
+    part = plain_copy(model)
+    part.blocks = nn.ModuleList(list(part.blocks)[layers.start:layers.stop])
+    if not first:
+        part.patch_embedding = None
+    if not last:
+        part.head = None
+    return part
+
+
+def carrying_self_attention(attention: nn.Module):
+    """WanSelfAttention.forward with the DualParal feature cache (stock blocks call it; sliced blocks
+    handle the cache themselves)."""
+    optimized_attention = host_function(attention, "optimized_attention")
+    apply_rope1 = host_function(attention, "apply_rope1")
+    stock_forward = type(attention).forward
+
+    def forward(x, freqs, transformer_options={}):
+        carry = transformer_options.get(KV_CARRY)
+        if carry is None:
+            return stock_forward(attention, x, freqs, transformer_options=transformer_options)
+        batch, tokens = x.shape[:2]
+        heads, head_dim = attention.num_heads, attention.head_dim
+        q = apply_rope1(attention.norm_q(attention.q(x)).view(batch, tokens, heads, head_dim), freqs).flatten(2)
+        k_raw, v_own = attention.norm_k(attention.k(x)), attention.v(x)
+        carry.keep_part(slice(0, tokens), k_raw, v_own)
+        k = x.new_empty((batch, tokens + carry.appended_tokens, heads * head_dim))
+        v = torch.empty_like(k)
+        k[:, :tokens] = apply_rope1(k_raw.view(batch, tokens, heads, head_dim), freqs).flatten(2)
+        v[:, :tokens] = v_own
+        del k_raw, v_own
+        carry.fill_appended(k[:, tokens:], v[:, tokens:], apply_rope1, heads)
+        return attention.o(optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options))
+    return forward
+
+
+@contextmanager
+def feature_cache_installed(blocks: nn.ModuleList):
+    """The blocks' self-attention carries the feature cache inside the with-block only."""
+    saved = [(block.self_attn, block.self_attn.__dict__.get("forward")) for block in blocks]
+    for attention, _ in saved:
+        attention.forward = carrying_self_attention(attention)
+    try:
+        yield
+    finally:
+        for attention, previous in saved:
+            if previous is None:
+                attention.__dict__.pop("forward", None)
+            else:
+                attention.forward = previous
+
+
+class WanStage:
+    """Runs one rank's part of the model for the jobs of a BlockPlan on a (height, width) latent."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, height: int, width: int):
+        self.model, self.dtype, self.device = model, dtype, torch.device(device)
+        self.first, self.last = model.patch_embedding is not None, model.head is not None
+        self.height, self.width = height, width
+        _, patch_h, patch_w = model.patch_size
+        self.grid = (height // patch_h, width // patch_w)
+        self.tokens_per_frame = self.grid[0] * self.grid[1]
+        self.carries = [KVCarry() for _ in model.blocks]
+        self._sinusoidal = host_function(model, "sinusoidal_embedding_1d")
+        self._time = {}
+
+    def text(self, context: torch.Tensor) -> torch.Tensor:
+        return self.model.text_embedding(context.to(self.device, self.dtype))
+
+    def time(self, timestep: float, batch: int) -> tuple:
+        """(e, e0) of forward_orig for one timestep, cached per timestep."""
+        if (timestep, batch) not in self._time:
+            t = torch.full((batch,), timestep, device=self.device, dtype=torch.float32)
+            e = self.model.time_embedding(self._sinusoidal(self.model.freq_dim, t.flatten()).to(dtype=self.dtype))
+            e = e.reshape(batch, -1, e.shape[-1])
+            self._time = {(timestep, batch): (e, self.model.time_projection(e).unflatten(2, (6, self.model.dim)))}
+        return self._time[(timestep, batch)]
+
+    def hidden_shape(self, job: Job, batch: int) -> tuple:
+        return (batch, (job.context_frames + job.frames) * self.tokens_per_frame, self.model.dim)
+
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.model.patch_embedding(latents.to(self.device, self.dtype).float()).to(self.dtype)
+        return x.flatten(2).transpose(1, 2)
+
+    def layers(self, hidden: torch.Tensor, job: Job, e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        per_frame = self.tokens_per_frame
+        tokens = hidden.shape[1]
+        freqs = self.model.rope_encode(job.context_frames + job.frames + job.appended_frames, self.height,
+                                       self.width, device=self.device, dtype=self.dtype)
+        start = job.context_frames * per_frame
+        keep = slice(start, start + job.keep_frames * per_frame) if job.keep_frames else None
+        held_freqs = freqs[:, tokens:] if job.appended_frames else None
+        for block, carry in zip(self.model.blocks, self.carries):
+            carry.plan(keep, held_freqs)
+            hidden = block(hidden, e=e0, freqs=freqs[:, :tokens], context=context, context_img_len=None,
+                           transformer_options={KV_CARRY: carry})
+        return hidden
+
+    def head(self, hidden: torch.Tensor, job: Job, e: torch.Tensor) -> torch.Tensor:
+        """The model's prediction for the job's own frames (float32, like ComfyUI's apply_model)."""
+        own = hidden[:, job.context_frames * self.tokens_per_frame:]
+        return self.model.unpatchify(self.model.head(own, e), (job.frames, *self.grid)).float()

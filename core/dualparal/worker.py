@@ -1,0 +1,73 @@
+"""One DualParal rank in its own process: joins the process group, runs its part of the model for
+every job and reports its statistics (or its error) to the parent."""
+import os
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..slicing import SliceSettings, slicing_applied
+from .pipeline import FirstRank, RankStats, Ring, Sampling, run_rank
+from .schedule import BlockPlan
+from .memory import peak_memory
+from .wan_stage import WanStage, feature_cache_installed
+
+GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+def _exit_with_parent() -> None:
+    """A worker whose parent died (killed ComfyUI) ends itself instead of lingering."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def serve(inbox, outbox) -> None:
+    _exit_with_parent()
+    payload = inbox.get()
+    rank = payload["rank"]
+    try:
+        stats = run_worker(payload, outbox)
+    except BaseException as error:
+        outbox.put(("error", rank, f"{type(error).__name__}: {error}"))
+        raise SystemExit(1)
+    outbox.put(("done", rank, asdict(stats)))
+
+
+def run_worker(payload: dict, outbox) -> RankStats:
+    rank, world = payload["rank"], payload["world"]
+    device = torch.device(payload["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(payload["threads"])
+    torch.set_grad_enabled(False)
+    dist.init_process_group(payload["backend"], init_method=payload["init_method"], rank=rank, world_size=world,
+                            timeout=GROUP_TIMEOUT)
+    try:
+        model = payload["model"].to(device)
+        height, width = payload["latent_shape"][3:]
+        stage = WanStage(model, payload["dtype"], device, height, width)
+        plan, sampling = BlockPlan(**payload["plan"]), Sampling(**payload["sampling"])
+        stats = RankStats(rank, str(device), tuple(payload["layers"]))
+        first_rank = FirstRank(stage, plan, sampling, payload["latent"], payload["noise"],
+                                payload["output"]) if rank == 0 else None
+        with ExitStack() as stack:
+            stack.enter_context(feature_cache_installed(model.blocks))
+            if payload["slicing"] is not None:
+                stack.enter_context(slicing_applied(model.blocks, SliceSettings(**payload["slicing"])))
+            stack.enter_context(peak_memory(device, stats))
+            ring = Ring(rank, world, device, stats) if world > 1 else None
+            run_rank(stage, plan, sampling, stats, ring, first_rank,
+                     progress=lambda done, total: outbox.put(("progress", done, total)))
+        return stats
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,188 @@
+"""DualParal Multi-GPU Sampler: block-wise, layer-pipelined sampling of long Wan videos over ranks."""
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..core.dualparal import (BlockPlan, DualParalError, DualParalRequest, Sampling, parse_devices, run_in_process,
+                              run_in_workers)
+from .slicing import SETTINGS_KEY
+
+log = logging.getLogger(__name__)
+
+DEVICES_TOOLTIP = ("auto: every visible GPU (one CPU rank without GPUs). A list such as cuda:0,cuda:1 for those "
+                   "GPUs (NCCL), or cpu:N for N CPU processes (gloo). One device matching ComfyUI's runs here, "
+                   "without worker processes.")
+
+
+def _flow_sampling(model, shift: float):
+    """Wan's flow-matching model sampling with `shift`, as ComfyUI's ModelSamplingSD3 node makes it."""
+    import comfy.model_sampling
+
+    class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+    sampling = FlowSampling(model.model.model_config)
+    sampling.set_parameters(shift=shift, multiplier=1000)
+    return sampling
+
+
+def _sigmas(model_sampling, steps: int, denoise: float) -> torch.Tensor:
+    """ComfyUI KSampler's sigmas (simple scheduler), shortened for denoise < 1 the same way."""
+    import comfy.samplers
+    if denoise > 0.9999:
+        return comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).float()
+    total = int(steps / denoise)
+    return comfy.samplers.calculate_sigmas(model_sampling, "simple", total)[-(steps + 1):].float()
+
+
+def _text(conditioning, side: str) -> torch.Tensor:
+    if len(conditioning) != 1:
+        raise DualParalError(f"the {side} conditioning holds {len(conditioning)} entries; DualParal takes one text "
+                             f"conditioning per side: remove Conditioning (Combine / Set Area) before it.")
+    return conditioning[0][0]
+
+
+def _context(positive, negative, cfg: float) -> torch.Tensor:
+    """[positive, negative] in one batch (positive alone at cfg 1), lengths matched by repetition
+    as ComfyUI batches cross-attention conditioning."""
+    texts = [_text(positive, "positive")] + ([] if cfg == 1.0 else [_text(negative, "negative")])
+    length = math.lcm(*(t.shape[1] for t in texts))
+    return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in texts]).float()
+
+
+@contextmanager
+def _weights_for(model, devices, in_process: bool):
+    """The diffusion model with every patch applied: loaded by ComfyUI for a run here or for CPU
+    workers (which share the weights); for GPU workers patched on the CPU, after ComfyUI has unloaded
+    its models, so that each GPU holds only its own layers."""
+    import comfy.model_management
+    if in_process or all(d.type == "cpu" for d in devices) and model.load_device.type == "cpu":
+        comfy.model_management.load_models_gpu([model])
+        yield model.model.diffusion_model
+        return
+    comfy.model_management.unload_all_models()
+    model.patch_model(device_to=torch.device("cpu"))
+    try:
+        yield model.model.diffusion_model
+    finally:
+        model.unpatch_model(device_to=model.offload_device)
+
+
+def _host_setup(devices) -> list:
+    """ComfyUI's command-line settings for the workers (they choose its attention kernel)."""
+    from comfy.cli_args import args
+    return [("comfy.cli_args", "args", {**vars(args), "cpu": args.cpu or devices[0].type == "cpu"})]
+
+
+def report(plan: BlockPlan, stats, seconds: float) -> str:
+    lines = [f"DualParal: {len(plan.blocks)} blocks of {plan.frames_per_block} latent frames (cache "
+             f"{plan.cache_frames}), {plan.steps} steps, {len(plan.jobs())} block forwards in {plan.iterations} "
+             f"iterations, {seconds:.1f} s"]
+    for s in stats:
+        lines.append(f"rank {s.rank} {s.device}: layers {s.layers[0]}-{s.layers[1] - 1}, compute {s.compute_s:.2f} s, "
+                     f"waiting {s.wait_s:.2f} s, sent {s.sent_bytes / 2**20:.1f} MiB, "
+                     f"peak {s.peak_bytes / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, frames_per_block, cache_frames,
+           denoise) -> tuple:
+    """(LATENT, [RankStats], seconds). Raises DualParalError for input it cannot run, before any
+    process starts."""
+    import comfy.model_management
+    import comfy.utils
+
+    if "noise_mask" in latent:
+        raise DualParalError("the latent carries a noise mask (inpainting), which DualParal does not apply: "
+                             "remove Set Latent Noise Mask.")
+    samples = latent["samples"]
+    plan = BlockPlan(samples.shape[2], frames_per_block, cache_frames, steps)
+    device_list = parse_devices(devices, torch.cuda.device_count())
+    model_sampling = _flow_sampling(model, shift)
+    sigmas = _sigmas(model_sampling, steps, denoise)
+    sampling = Sampling(sigmas=sigmas, timesteps=[float(model_sampling.timestep(s)) for s in sigmas[:-1]], cfg=cfg,
+                        context=_context(positive, negative, cfg))
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
+    request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
+                               model.model.process_latent_in(samples).float(), seed, slicing)
+    request.validate()
+    in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
+
+    bar = comfy.utils.ProgressBar(len(plan.jobs()))
+
+    def progress(done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    started = time.perf_counter()
+    with _weights_for(model, device_list, in_process) as diffusion_model:
+        request.model = diffusion_model
+        if in_process:
+            output, stats = run_in_process(request, progress)
+        else:
+            rendezvous = Path(tempfile.mkdtemp(prefix="streamline_dualparal_"))
+            try:
+                output, stats = run_in_workers(request, _host_setup(device_list), bar.update_absolute,
+                                               comfy.model_management.throw_exception_if_processing_interrupted,
+                                               str(rendezvous / "group"))
+            finally:
+                shutil.rmtree(rendezvous, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    result = {**{k: v for k, v in latent.items() if k != "samples"}, "samples": model.model.process_latent_out(output)}
+    return result, stats, seconds
+
+
+class DualParalSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StreamlineDualParalSampler",
+            display_name="DualParal Multi-GPU Sampler",
+            category="Streamline/sampling",
+            description="Samples a Wan text-to-video latent of any length block by block: blocks at decreasing "
+                        "noise levels move through the model's layers split over several GPUs (or CPU processes), "
+                        "with each layer's keys/values of the neighbouring block cached. Memory per device does not "
+                        "grow with the video's length. Euler flow-matching sampling with ComfyUI's sigmas.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan 2.1 / 2.2 text-to-video model (Feature Slicer settings apply "
+                                                "inside every rank)."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="Its length is the video's length."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=30, min=1, max=10000),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Flow-matching shift (ModelSamplingSD3's): Wan uses 3 at 480p, 5 at 720p."),
+                io.String.Input("devices", default="auto", tooltip=DEVICES_TOOLTIP),
+                io.Int.Input("frames_per_block", default=10, min=1, max=4096,
+                             tooltip="Latent frames per block (4 video frames each)."),
+                io.Int.Input("cache_frames", default=5, min=0, max=4095,
+                             tooltip="Frames of each neighbouring block every block sees: the previous block's last "
+                                     "frames as tokens and the next block's first frames through the feature cache. "
+                                     "Below frames per block."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[io.Latent.Output(),
+                     io.String.Output("report", tooltip="Per rank: layers, compute and waiting time, data sent, "
+                                                        "peak memory.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, shift, devices, frames_per_block,
+                cache_frames, denoise) -> io.NodeOutput:
+        try:
+            latent, stats, seconds = sample(model, positive, negative, latent_image, seed, steps, cfg, shift, devices,
+                                            frames_per_block, cache_frames, denoise)
+        except DualParalError as error:
+            raise ValueError(f"DualParal Multi-GPU Sampler: {error}") from None
+        text = report(BlockPlan(latent_image["samples"].shape[2], frames_per_block, cache_frames, steps), stats, seconds)
+        log.info(text)
+        return io.NodeOutput(latent, text)
