@@ -1,0 +1,214 @@
+"""DualParal Multi-GPU Sampler on the tiny Wan fixture with CPU ranks (gloo): same latent for any
+number of ranks, stock sampling for a single block, flat per-rank memory over the video's length,
+a killed worker, and input it refuses before any process starts."""
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import load_workflow
+from devkit.model_fixtures import WAN_TEXT_DIM, build_svd, build_wan
+from test_slicing_nodes import SAMPLING_TOLERANCE, node_output, patcher, relative_difference
+
+
+@pytest.fixture(scope="module")
+def wan3(pack):
+    """Three transformer layers: enough for three ranks."""
+    return patcher(build_wan("tiny", layers=3))
+
+
+def conditioning(seed: int, tokens: int = 12):
+    return [[torch.randn(1, tokens, WAN_TEXT_DIM, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+POSITIVE, NEGATIVE = conditioning(1), conditioning(2, tokens=8)
+
+
+def empty_latent(frames, height=4, width=6):
+    return {"samples": torch.zeros(1, 16, frames, height, width)}
+
+
+def dualparal(model, latent, devices, frames_per_block=2, cache_frames=1, steps=3, cfg=4.0, seed=5, denoise=1.0):
+    from comfyui_streamline.nodes.dualparal import sample
+    return sample(model, POSITIVE, NEGATIVE, latent, seed, steps, cfg, 5.0, devices, frames_per_block, cache_frames,
+                  denoise)
+
+
+def worker_processes() -> list:
+    """This process's DualParal workers (spawned children, not multiprocessing's resource tracker)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline()) and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("devices", ["cpu:2", "cpu:3"])
+def test_ranks_give_the_latent_of_one_rank(wan3, devices):
+    """7 latent frames: blocks of 2, 2, 2, 1 (the last shorter), cache 1, CFG."""
+    one, one_stats, _ = dualparal(wan3, empty_latent(7), "cpu:1")
+    many, stats, _ = dualparal(wan3, empty_latent(7), devices)
+    assert relative_difference(many["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    assert one["samples"].abs().max() > 0 and not torch.isnan(many["samples"]).any()
+    ranks = int(devices[-1])
+    assert [s.rank for s in stats] == list(range(ranks)) and len(one_stats) == 1
+    assert [s.layers for s in stats] == {2: [(0, 2), (2, 3)], 3: [(0, 1), (1, 2), (2, 3)]}[ranks]
+    assert all(s.jobs == one_stats[0].jobs for s in stats)  # every rank runs every block forward
+    assert not worker_processes()
+
+
+def test_a_single_block_samples_exactly_like_stock_ksampler(wan3):
+    """With the whole latent in one block and no cache, DualParal is ComfyUI's Euler sampling with the
+    simple scheduler, ModelSamplingSD3's shift and the same seed's noise."""
+    import nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    latent = empty_latent(5)
+    shifted = ModelSamplingSD3().patch(wan3, 5.0)[0]
+    stock = nodes.common_ksampler(shifted, 5, 4, 4.0, "euler", "simple", POSITIVE, NEGATIVE, latent, denoise=1.0)[0]
+    ours, _, _ = dualparal(wan3, latent, "cpu:1", frames_per_block=5, cache_frames=0, steps=4, cfg=4.0)
+    assert relative_difference(ours["samples"], stock["samples"]) <= SAMPLING_TOLERANCE
+
+
+def test_partial_denoise_starts_from_the_input_latent(wan3):
+    latent = {"samples": torch.randn(1, 16, 6, 4, 6, generator=torch.Generator().manual_seed(3))}
+    light, _, _ = dualparal(wan3, latent, "cpu:1", denoise=0.3)
+    full, _, _ = dualparal(wan3, latent, "cpu:1", denoise=1.0)
+    assert relative_difference(light["samples"], latent["samples"]) < relative_difference(full["samples"], latent["samples"])
+
+
+def test_feature_slicer_runs_inside_every_rank(wan3):
+    """The Feature Slicer's settings travel to each worker, which slices its own layers: same latent,
+    lower peak on every rank."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, wan3, 6, 0))
+    stock, stock_stats, _ = dualparal(wan3, empty_latent(8, 8, 12), "cpu:2", frames_per_block=4, cache_frames=2)
+    ours, stats, _ = dualparal(sliced, empty_latent(8, 8, 12), "cpu:2", frames_per_block=4, cache_frames=2)
+    assert relative_difference(ours["samples"], stock["samples"]) <= SAMPLING_TOLERANCE
+    for rank, (sliced_rank, stock_rank) in enumerate(zip(stats, stock_stats)):
+        assert sliced_rank.peak_bytes < stock_rank.peak_bytes, rank
+
+
+def test_a_latent_four_times_longer_keeps_every_rank_peak_flat(wan3):
+    _, short, _ = dualparal(wan3, empty_latent(8), "cpu:2")
+    _, long, _ = dualparal(wan3, empty_latent(32), "cpu:2")
+    for rank, (s, l) in enumerate(zip(short, long)):
+        assert l.jobs > 3 * s.jobs
+        assert l.peak_bytes <= 1.05 * s.peak_bytes, (rank, s.peak_bytes, l.peak_bytes)
+
+
+def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works(wan3):
+    from comfyui_streamline.core.dualparal.processes import WorkerError
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = dualparal(wan3, empty_latent(8), "cpu:2", steps=100000)
+        except Exception as error:  # noqa: BLE001 (the test inspects it)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(worker_processes()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = worker_processes()
+    assert len(workers) == 2
+    time.sleep(3.0)  # the ranks are sampling
+    killed_at = time.monotonic()
+    workers[-1].kill()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and time.monotonic() - killed_at < 60
+    error = outcome["error"]
+    assert isinstance(error, WorkerError)
+    assert "stopped (killed by signal 9)" in str(error) and "all workers were stopped" in str(error)
+    assert not worker_processes()
+    result, stats, _ = dualparal(wan3, empty_latent(4), "cpu:2")
+    assert len(stats) == 2 and not torch.isnan(result["samples"]).any()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(devices="cpu:4"), "4 ranks for a model with 3 transformer layers: use at most 3 devices"),
+    (dict(devices="cuda:0"), "cuda:0 does not exist; this machine has 0 visible GPU(s)"),
+    (dict(devices="gpu"), "'gpu' is not a device"),
+    (dict(cache_frames=2), "cache frames is 2: it must be at least 0 and below frames per block (2)"),
+    (dict(frames_per_block=9), "frames per block is 9, but the latent has 8 frames"),
+])
+def test_input_it_cannot_run_is_refused_before_any_process_starts(wan3, change, message):
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    if "cuda" in change.get("devices", "") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    inputs = dict(model=wan3, positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(8), seed=0, steps=2,
+                  cfg=4.0, shift=5.0, devices="cpu:2", frames_per_block=2, cache_frames=1, denoise=1.0)
+    with pytest.raises(ValueError) as raised:
+        DualParalSampler.execute(**{**inputs, **change})
+    assert message in str(raised.value) and str(raised.value).startswith("DualParal Multi-GPU Sampler: ")
+    assert not worker_processes()
+
+
+def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    inputs = dict(positive=POSITIVE, negative=NEGATIVE, seed=0, steps=2, cfg=4.0, shift=5.0, devices="cpu:1",
+                  frames_per_block=2, cache_frames=1, denoise=1.0)
+    with pytest.raises(ValueError, match="runs ComfyUI's Wan 2.1 / 2.2 text-to-video DiT; this MODEL holds UNetModel"):
+        DualParalSampler.execute(model=patcher(build_svd("tiny")), latent_image=empty_latent(4), **inputs)
+    masked = {**empty_latent(4), "noise_mask": torch.ones(1, 1, 4, 4, 6)}
+    with pytest.raises(ValueError, match="noise mask"):
+        DualParalSampler.execute(model=patcher(build_wan("tiny")), latent_image=masked, **inputs)
+
+
+def _server_workers(comfy_server) -> list:
+    return [p for p in psutil.Process(comfy_server.process.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _saved_latent(result, comfy_server) -> torch.Tensor:
+    import safetensors.torch
+    node = result.outputs["11"]["latents"][0]
+    path = comfy_server.output_dir / node["subfolder"] / node["filename"]
+    return safetensors.torch.load_file(path)["latent_tensor"]
+
+
+def test_dualparal_workflow_runs_through_the_api_with_two_ranks_like_one(comfy_server):
+    """The long-video example: 49 frames (13 latent frames in blocks of 4) on two CPU ranks, decoded
+    and saved, with the per-rank report; one rank in the server's own process samples the same latent."""
+    from test_server_api import _frames, _saved
+
+    prompt = load_workflow("demo_wan21_t2v_dualparal_tiny.api.json")
+    two = comfy_server.run(prompt)
+    assert two.status == "success", two.error
+    videos = _saved(two, comfy_server, ".webp")
+    assert len(videos) == 1 and _frames(videos[0]) == prompt["6"]["inputs"]["length"]
+    report = two.outputs["12"]["text"][0]
+    assert "4 blocks of 4 latent frames" in report and "rank 0 cpu: layers 0-0" in report and "rank 1 cpu: layers 1-1" in report
+    prompt["7"]["inputs"]["devices"] = "cpu:1"
+    one = comfy_server.run(prompt)
+    assert one.status == "success", one.error
+    assert "rank 1" not in one.outputs["12"]["text"][0]
+    assert relative_difference(_saved_latent(two, comfy_server), _saved_latent(one, comfy_server)) <= SAMPLING_TOLERANCE
+    assert not _server_workers(comfy_server)
+
+
+def test_interrupting_a_dualparal_prompt_stops_its_workers_and_the_next_prompt_runs(comfy_server):
+    import requests
+
+    prompt = load_workflow("demo_wan21_t2v_dualparal_tiny.api.json")
+    prompt["7"]["inputs"]["steps"] = 10000
+    prompt_id = comfy_server.queue(prompt)
+    deadline = time.monotonic() + 120
+    while len(_server_workers(comfy_server)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_server_workers(comfy_server)) == 2
+    time.sleep(2.0)
+    requests.post(f"{comfy_server.url}/interrupt", timeout=10).raise_for_status()
+    result = comfy_server.wait(prompt_id, timeout=60)
+    assert any(name == "execution_interrupted" for name, _ in result.messages), result.messages
+    deadline = time.monotonic() + 30
+    while _server_workers(comfy_server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _server_workers(comfy_server)
+    follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_dualparal_tiny.api.json"))
+    assert follow_up.status == "success", follow_up.error
