@@ -145,7 +145,7 @@ class DualParalSampler(io.ComfyNode):
         return io.Schema(
             node_id="StreamlineDualParalSampler",
             display_name="DualParal Multi-GPU Sampler",
-            category="Streamline/sampling",
+            category="Streamline/multi-gpu",
             description="Samples a Wan text-to-video latent of any length block by block: blocks at decreasing "
                         "noise levels move through the model's layers split over several GPUs (or CPU processes), "
                         "with each layer's keys/values of the neighbouring block cached. Memory per device does not "
