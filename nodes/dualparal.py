@@ -102,6 +102,8 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
         raise DualParalError("the latent carries a noise mask (inpainting), which DualParal does not apply: "
                              "remove Set Latent Noise Mask.")
     samples = latent["samples"]
+    if denoise <= 0.0:
+        return latent, [], 0.0  # as ComfyUI's samplers: nothing to denoise
     plan = BlockPlan(samples.shape[2], frames_per_block, cache_frames, steps)
     device_list = parse_devices(devices, torch.cuda.device_count())
     model_sampling = _flow_sampling(model, shift)
@@ -110,8 +112,9 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
                         context=_context(positive, negative, cfg))
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
+    start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
     request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
-                               model.model.process_latent_in(samples).float(), seed, slicing)
+                               start.float(), seed, slicing)
     request.validate()
     in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
 
@@ -183,6 +186,8 @@ class DualParalSampler(io.ComfyNode):
                                             frames_per_block, cache_frames, denoise)
         except DualParalError as error:
             raise ValueError(f"DualParal Multi-GPU Sampler: {error}") from None
+        if not stats:
+            return io.NodeOutput(latent, "DualParal: denoise 0, the latent is returned unchanged")
         text = report(BlockPlan(latent_image["samples"].shape[2], frames_per_block, cache_frames, steps), stats, seconds)
         log.info(text)
         return io.NodeOutput(latent, text)

@@ -42,11 +42,12 @@ def worker_processes() -> list:
             if "spawn_main" in " ".join(p.cmdline()) and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.parametrize("devices", ["cpu:2", "cpu:3"])
-def test_ranks_give_the_latent_of_one_rank(wan3, devices):
-    """7 latent frames: blocks of 2, 2, 2, 1 (the last shorter), cache 1, CFG."""
-    one, one_stats, _ = dualparal(wan3, empty_latent(7), "cpu:1")
-    many, stats, _ = dualparal(wan3, empty_latent(7), devices)
+@pytest.mark.parametrize("devices, frames, steps", [("cpu:2", 7, 3), ("cpu:3", 7, 3), ("cpu:2", 12, 8)])
+def test_ranks_give_the_latent_of_one_rank(wan3, devices, frames, steps):
+    """7 latent frames: blocks of 2, 2, 2, 1 (the last shorter), cache 1, CFG. 12 frames over 8 steps:
+    six blocks in flight at once, more than the ring holds."""
+    one, one_stats, _ = dualparal(wan3, empty_latent(frames), "cpu:1", steps=steps)
+    many, stats, _ = dualparal(wan3, empty_latent(frames), devices, steps=steps)
     assert relative_difference(many["samples"], one["samples"]) <= SAMPLING_TOLERANCE
     assert one["samples"].abs().max() > 0 and not torch.isnan(many["samples"]).any()
     ranks = int(devices[-1])
@@ -69,11 +70,13 @@ def test_a_single_block_samples_exactly_like_stock_ksampler(wan3):
     assert relative_difference(ours["samples"], stock["samples"]) <= SAMPLING_TOLERANCE
 
 
-def test_partial_denoise_starts_from_the_input_latent(wan3):
+def test_partial_denoise_starts_from_the_input_latent_and_zero_returns_it(wan3):
     latent = {"samples": torch.randn(1, 16, 6, 4, 6, generator=torch.Generator().manual_seed(3))}
     light, _, _ = dualparal(wan3, latent, "cpu:1", denoise=0.3)
     full, _, _ = dualparal(wan3, latent, "cpu:1", denoise=1.0)
     assert relative_difference(light["samples"], latent["samples"]) < relative_difference(full["samples"], latent["samples"])
+    assert torch.equal(dualparal(wan3, latent, "cpu:2", denoise=0.0)[0]["samples"], latent["samples"])
+    assert not worker_processes()
 
 
 def test_feature_slicer_runs_inside_every_rank(wan3):

@@ -46,26 +46,44 @@ class RankStats:
 
 
 class Ring:
-    """Point-to-point sends to the next rank and receives from the previous one (wrapping around)."""
+    """Point-to-point sends to the next rank and receives from the previous one (wrapping around).
+
+    The way back (last rank -> first) has its own group, so with two ranks the predictions coming
+    back do not queue behind the hidden states going out on the same NCCL communicator. The first
+    rank posts the receive of a job's prediction as soon as it has sent the job: a send completes
+    only once its receive is posted, and the first rank takes a prediction in only when a later job
+    needs it, so without that the ring would jam as soon as more blocks are in flight than it holds."""
 
     def __init__(self, rank: int, world: int, device: torch.device, stats: RankStats):
         self.next, self.previous = (rank + 1) % world, (rank - 1) % world
         self.device, self.stats = device, stats
+        back = dist.new_group([0, world - 1])  # every rank takes part in creating it
+        self._send_group = back if rank == world - 1 else None
+        self._receive_group = back if rank == 0 else None
         self._in_flight = deque()
 
     def send(self, tensor: torch.Tensor) -> None:
         tensor = tensor.contiguous()
-        self._in_flight.append((dist.isend(tensor, self.next), tensor))
+        self._in_flight.append((dist.isend(tensor, self.next, group=self._send_group), tensor))
         self.stats.sent_bytes += tensor.numel() * tensor.element_size()
         while len(self._in_flight) > 2:
             self._in_flight.popleft()[0].wait()
 
-    def receive(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def post_receive(self, shape: tuple, dtype: torch.dtype) -> tuple:
+        """(work, buffer) of a receive posted now; `wait` takes it in."""
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        return dist.irecv(buffer, self.previous, group=self._receive_group), buffer
+
+    def wait(self, posted: tuple) -> torch.Tensor:
         started = time.perf_counter()
-        dist.recv(buffer, self.previous)
+        posted[0].wait()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         self.stats.wait_s += time.perf_counter() - started
-        return buffer
+        return posted[1]
+
+    def receive(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return self.wait(self.post_receive(shape, dtype))
 
     def close(self) -> None:
         while self._in_flight:
@@ -80,8 +98,8 @@ class _Timer:
         self.started = time.perf_counter()
 
     def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.cuda:  # this stream only: a device-wide sync would also wait for the ring's transfers
+            torch.cuda.current_stream().synchronize()
         seconds = time.perf_counter() - self.started
         self.stats.compute_s += seconds
         self.stats.job_compute_s.append(seconds)
@@ -144,16 +162,15 @@ def run_rank(stage: WanStage, plan: BlockPlan, sampling: Sampling, stats: RankSt
 
     def take_prediction():
         nonlocal done
-        job = pending.popleft()
-        first_rank.update(job, ring.receive((batch, stage.model.out_dim, job.frames, stage.height, stage.width),
-                                            torch.float32))
+        job, posted = pending.popleft()
+        first_rank.update(job, ring.wait(posted))
         done += 1
         progress(done, len(jobs))
 
     for job in jobs:
         e, e0 = stage.time(sampling.timesteps[job.step], batch)
         if stage.first:
-            while any(p.iteration < job.iteration and p.block in (job.block, job.block - 1) for p in pending):
+            while any(p.iteration < job.iteration and p.block in (job.block, job.block - 1) for p, _ in pending):
                 take_prediction()
             hidden = first_rank.input(job)
         else:
@@ -171,7 +188,8 @@ def run_rank(stage: WanStage, plan: BlockPlan, sampling: Sampling, stats: RankSt
         else:
             ring.send(hidden)
             if stage.first:
-                pending.append(job)
+                shape = (batch, stage.model.out_dim, job.frames, stage.height, stage.width)
+                pending.append((job, ring.post_receive(shape, torch.float32)))
         del hidden
     while pending:
         take_prediction()

@@ -5,11 +5,13 @@ and the error names the rank. Interrupts from the host (`check_interrupt` raisin
 """
 import multiprocessing
 import queue
+import resource
 import runpy
 import sys
 import time
 import types
 from contextlib import contextmanager
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,14 @@ def _main_module_hidden():
         sys.modules["__main__"] = main
 
 
+def _raise_open_file_limit() -> None:
+    """Each shared weight tensor holds a file descriptor while it is sent: lift the soft limit
+    (often 1,024) to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _describe_exit(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
@@ -47,15 +57,18 @@ def run_workers(payloads: list, environments: list, host_setup: list, progress: 
     processes = [context.Process(
         target=runpy.run_path, args=(str(BOOTSTRAP),), daemon=True, name=f"streamline-dualparal-rank{rank}",
         kwargs={"run_name": "streamline_dualparal_worker", "init_globals": {
-            "CORE_DIR": str(CORE_DIR), "ENVIRONMENT": environment, "HOST_SETUP": host_setup,
+            "RANK": rank, "CORE_DIR": str(CORE_DIR), "ENVIRONMENT": environment, "HOST_SETUP": host_setup,
             "INBOX": inbox, "OUTBOX": outbox}})
         for rank, (inbox, environment) in enumerate(zip(inboxes, environments))]
     try:
         with _main_module_hidden():
             for process in processes:
                 process.start()
+        _raise_open_file_limit()
         for inbox, payload in zip(inboxes, payloads):
-            inbox.put(payload)
+            # pickled here, not in the queue's feeder thread, so that a payload that cannot be sent
+            # raises instead of leaving its worker waiting
+            inbox.put(bytes(ForkingPickler.dumps(payload)))
         return _collect(processes, outbox, progress, check_interrupt)
     finally:
         for process in processes:

@@ -1,6 +1,7 @@
 """One DualParal rank in its own process: joins the process group, runs its part of the model for
 every job and reports its statistics (or its error) to the parent."""
 import os
+import pickle
 import threading
 import time
 from contextlib import ExitStack
@@ -30,16 +31,19 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def serve(inbox, outbox) -> None:
+def serve(inbox, outbox, rank: int) -> None:
+    """Runs the rank and reports. An error is reported first, then the process exits at once: leaving
+    a process group with operations in flight could hang."""
     _exit_with_parent()
-    payload = inbox.get()
-    rank = payload["rank"]
     try:
-        stats = run_worker(payload, outbox)
+        stats = run_worker(pickle.loads(inbox.get()), outbox)
     except BaseException as error:
         outbox.put(("error", rank, f"{type(error).__name__}: {error}"))
-        raise SystemExit(1)
+        outbox.close()
+        outbox.join_thread()
+        os._exit(1)
     outbox.put(("done", rank, asdict(stats)))
+    dist.destroy_process_group()
 
 
 def run_worker(payload: dict, outbox) -> RankStats:
@@ -52,22 +56,19 @@ def run_worker(payload: dict, outbox) -> RankStats:
     torch.set_grad_enabled(False)
     dist.init_process_group(payload["backend"], init_method=payload["init_method"], rank=rank, world_size=world,
                             timeout=GROUP_TIMEOUT)
-    try:
-        model = payload["model"].to(device)
-        height, width = payload["latent_shape"][3:]
-        stage = WanStage(model, payload["dtype"], device, height, width)
-        plan, sampling = BlockPlan(**payload["plan"]), Sampling(**payload["sampling"])
-        stats = RankStats(rank, str(device), tuple(payload["layers"]))
-        first_rank = FirstRank(stage, plan, sampling, payload["latent"], payload["noise"],
-                                payload["output"]) if rank == 0 else None
-        with ExitStack() as stack:
-            stack.enter_context(feature_cache_installed(model.blocks))
-            if payload["slicing"] is not None:
-                stack.enter_context(slicing_applied(model.blocks, SliceSettings(**payload["slicing"])))
-            stack.enter_context(peak_memory(device, stats))
-            ring = Ring(rank, world, device, stats) if world > 1 else None
-            run_rank(stage, plan, sampling, stats, ring, first_rank,
-                     progress=lambda done, total: outbox.put(("progress", done, total)))
-        return stats
-    finally:
-        dist.destroy_process_group()
+    model = payload["model"].to(device)
+    height, width = payload["latent_shape"][3:]
+    stage = WanStage(model, payload["dtype"], device, height, width)
+    plan, sampling = BlockPlan(**payload["plan"]), Sampling(**payload["sampling"])
+    stats = RankStats(rank, str(device), tuple(payload["layers"]))
+    first_rank = FirstRank(stage, plan, sampling, payload["latent"], payload["noise"],
+                           payload["output"]) if rank == 0 else None
+    with ExitStack() as stack:
+        stack.enter_context(feature_cache_installed(model.blocks))
+        if payload["slicing"] is not None:
+            stack.enter_context(slicing_applied(model.blocks, SliceSettings(**payload["slicing"])))
+        stack.enter_context(peak_memory(device, stats))
+        ring = Ring(rank, world, device, stats) if world > 1 else None
+        run_rank(stage, plan, sampling, stats, ring, first_rank,
+                 progress=lambda done, total: outbox.put(("progress", done, total)))
+    return stats
