@@ -10,6 +10,8 @@ only states of the previous iteration, so the result does not depend on how many
 """
 from dataclasses import dataclass
 
+from ..slicing.slices import chunk_slices
+
 
 class DualParalError(ValueError):
     """Input that DualParal cannot run; the message names the fix."""
@@ -78,10 +80,4 @@ def layer_ranges(layers: int, ranks: int) -> list[range]:
     """Contiguous, balanced ranges of the transformer's layers, one per rank."""
     if ranks > layers:
         raise DualParalError(f"{ranks} ranks for a model with {layers} transformer layers: use at most {layers} devices.")
-    base, extra = divmod(layers, ranks)
-    ranges, start = [], 0
-    for rank in range(ranks):
-        stop = start + base + (1 if rank < extra else 0)
-        ranges.append(range(start, stop))
-        start = stop
-    return ranges
+    return [range(s.start, s.stop) for s in chunk_slices(layers, ranks)]
