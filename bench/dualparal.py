@@ -12,7 +12,6 @@ Writes bench/results/dualparal.json and .png."""
 import sys
 import time
 from collections import deque
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -85,11 +84,10 @@ def sampling(steps, batch=2):
 def rank_peak(meta_model, plan, rank, ranks, sliced=False):
     """Peak live storage of `rank` for `plan` (fake tensors), with its share of the weights; `sliced`:
     the rank's layers run with Feature Slicer + Operator Grouper (SLICED)."""
-    from comfyui_streamline.core.slicing import SliceSettings, slicing_applied
+    from comfyui_streamline.core.slicing import SliceSettings
     from comfyui_streamline.core.dualparal import RankStats, layer_ranges
     from comfyui_streamline.core.dualparal.pipeline import FirstRank, run_rank
-    from comfyui_streamline.core.dualparal.wan_stage import WanStage, feature_cache_installed, rank_model
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.dualparal.wan_stage import WanStage, rank_model, rank_prepared
 
     layers = layer_ranges(len(meta_model.blocks), ranks)[rank]
     with FakeTensorMode():
@@ -100,15 +98,11 @@ def rank_peak(meta_model, plan, rank, ranks, sliced=False):
         shape = (1, 16, plan.frames, HEIGHT, WIDTH)
         first = FirstRank(stage, plan, sampling(plan.steps), torch.zeros(shape), torch.zeros(shape),
                           torch.zeros(shape)) if rank == 0 else None
-        with ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            stack.enter_context(feature_cache_installed(model.blocks))
-            if sliced:
-                stack.enter_context(slicing_applied(model.blocks, SliceSettings(**SLICED)))
-            tracker = stack.enter_context(LiveStorageTracker())
+        settings = SliceSettings(**SLICED) if sliced else None
+        with torch.inference_mode(), rank_prepared(model.blocks, settings, torch.device("cpu"), stats):
             run_rank(stage, plan, sampling(plan.steps), stats, FabricatedRing(torch.device("cpu"), stats)
                      if ranks > 1 else None, first)
-    return tracker.peak, weights, stats.sent_bytes
+    return stats.peak_bytes, weights, stats.sent_bytes
 
 
 def job_flops(meta_model, plan):

@@ -1,20 +1,18 @@
 """DualParal runs: devices, validation before anything starts, one rank in this process or one
 worker process per rank."""
 import os
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..slicing import SliceSettings, slicing_applied
-from .memory import peak_memory
+from ..slicing import SliceSettings
 from .noise import coordinated_noise
 from .pipeline import FirstRank, RankStats, Sampling, run_rank
 from .processes import run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
-from .wan_stage import WanStage, check_supported, feature_cache_installed, rank_model
+from .wan_stage import WanStage, check_supported, rank_model, rank_prepared
 
 
 def parse_devices(text: str, cuda_count: int) -> list:
@@ -74,12 +72,7 @@ def run_in_process(request: DualParalRequest, progress: Callable[[int, int], Non
     model = request.model
     stage = WanStage(model, request.dtype, device, *request.latent.shape[3:])
     stats = RankStats(0, str(device), (ranges[0].start, ranges[0].stop))
-    with ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(feature_cache_installed(model.blocks))
-        if request.slicing is not None:
-            stack.enter_context(slicing_applied(model.blocks, request.slicing))
-        stack.enter_context(peak_memory(device, stats))
+    with rank_prepared(model.blocks, request.slicing, device, stats):
         run_rank(stage, request.plan, request.sampling, stats, None,
                  FirstRank(stage, request.plan, request.sampling, request.latent, noise, output), progress)
     return output, [stats]

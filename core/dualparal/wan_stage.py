@@ -5,13 +5,15 @@ blocks, the last rank runs the head. The pieces are the model's own modules and 
 way WanModel.forward_orig calls them, so a single rank computes what the stock forward computes.
 """
 import copy
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from ..kv_carry import KV_CARRY, KVCarry
+from ..slicing import slicing_applied
 from ..slicing.temporal import host_function
+from .memory import peak_memory
 from .schedule import DualParalError, Job
 
 WAN_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
@@ -99,6 +101,19 @@ def feature_cache_installed(blocks: nn.ModuleList):
                 attention.__dict__.pop("forward", None)
             else:
                 attention.forward = previous
+
+
+@contextmanager
+def rank_prepared(blocks: nn.ModuleList, slicing, device: torch.device, stats):
+    """A rank's blocks carrying the feature cache and, with `slicing` (SliceSettings), sliced;
+    gradients off; the rank's peak memory recorded into `stats`."""
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(feature_cache_installed(blocks))
+        if slicing is not None:
+            stack.enter_context(slicing_applied(blocks, slicing))
+        stack.enter_context(peak_memory(device, stats))
+        yield
 
 
 class WanStage:

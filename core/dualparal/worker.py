@@ -4,18 +4,16 @@ import os
 import pickle
 import threading
 import time
-from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..slicing import SliceSettings, slicing_applied
+from ..slicing import SliceSettings
 from .pipeline import FirstRank, RankStats, Ring, Sampling, run_rank
 from .schedule import BlockPlan
-from .memory import peak_memory
-from .wan_stage import WanStage, feature_cache_installed
+from .wan_stage import WanStage, rank_prepared
 
 GROUP_TIMEOUT = timedelta(minutes=10)
 
@@ -63,11 +61,8 @@ def run_worker(payload: dict, outbox) -> RankStats:
     stats = RankStats(rank, str(device), tuple(payload["layers"]))
     first_rank = FirstRank(stage, plan, sampling, payload["latent"], payload["noise"],
                            payload["output"]) if rank == 0 else None
-    with ExitStack() as stack:
-        stack.enter_context(feature_cache_installed(model.blocks))
-        if payload["slicing"] is not None:
-            stack.enter_context(slicing_applied(model.blocks, SliceSettings(**payload["slicing"])))
-        stack.enter_context(peak_memory(device, stats))
+    slicing = None if payload["slicing"] is None else SliceSettings(**payload["slicing"])
+    with rank_prepared(model.blocks, slicing, device, stats):
         ring = Ring(rank, world, device, stats) if world > 1 else None
         run_rank(stage, plan, sampling, stats, ring, first_rank,
                  progress=lambda done, total: outbox.put(("progress", done, total)))
