@@ -6,19 +6,21 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..core.dualparal import (BlockPlan, DualParalError, DualParalRequest, Sampling, parse_devices, run_in_process,
-                              run_in_workers)
+from ..core.dualparal import (BlockPlan, DualParalError, DualParalRequest, Sampling, cluster_address, parse_devices,
+                              run_in_process, run_in_workers, run_on_cluster)
 from .slicing import SETTINGS_KEY
 
 log = logging.getLogger(__name__)
 
 DEVICES_TOOLTIP = ("auto: every visible GPU (one CPU rank without GPUs). A list such as cuda:0,cuda:1 for those "
                    "GPUs (NCCL), or cpu:N for N CPU processes (gloo). One device matching ComfyUI's runs here, "
-                   "without worker processes.")
+                   "without worker processes. torchrun://HOST:PORT: the ranks of a torchrun cluster (one or several "
+                   "machines) started with dualparal_cluster.py.")
 
 
 def _flow_sampling(model, shift: float):
@@ -59,8 +61,8 @@ def _context(positive, negative, cfg: float) -> torch.Tensor:
 @contextmanager
 def _weights_for(model, devices, in_process: bool):
     """The diffusion model with every patch applied: loaded by ComfyUI for a run here or for CPU
-    workers (which share the weights); for GPU workers patched on the CPU, after ComfyUI has unloaded
-    its models, so that each GPU holds only its own layers."""
+    workers (which share the weights); for GPU workers and torchrun clusters patched on the CPU, after
+    ComfyUI has unloaded its models, so that each GPU holds only its own layers."""
     import comfy.model_management
     if in_process or all(d.type == "cpu" for d in devices) and model.load_device.type == "cpu":
         comfy.model_management.load_models_gpu([model])
@@ -74,10 +76,12 @@ def _weights_for(model, devices, in_process: bool):
         model.unpatch_model(device_to=model.offload_device)
 
 
-def _host_setup(devices) -> list:
-    """ComfyUI's command-line settings for the workers (they choose its attention kernel)."""
+def _host_setup(cpu: Optional[bool]) -> list:
+    """ComfyUI's command-line settings for the workers (they choose its attention kernel); `cpu`
+    None leaves the choice of device to them."""
     from comfy.cli_args import args
-    return [("comfy.cli_args", "args", {**vars(args), "cpu": args.cpu or devices[0].type == "cpu"})]
+    settings = {key: value for key, value in vars(args).items() if cpu is not None or key != "cpu"}
+    return [("comfy.cli_args", "args", {**settings, **({} if cpu is None else {"cpu": args.cpu or cpu})})]
 
 
 def report(plan: BlockPlan, stats, seconds: float) -> str:
@@ -105,7 +109,8 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     if denoise <= 0.0:
         return latent, [], 0.0  # as ComfyUI's samplers: nothing to denoise
     plan = BlockPlan(samples.shape[2], frames_per_block, cache_frames, steps)
-    device_list = parse_devices(devices, torch.cuda.device_count())
+    cluster = cluster_address(devices)
+    device_list = [] if cluster else parse_devices(devices, torch.cuda.device_count())
     model_sampling = _flow_sampling(model, shift)
     sigmas = _sigmas(model_sampling, steps, denoise)
     sampling = Sampling(sigmas=sigmas, timesteps=[float(model_sampling.timestep(s)) for s in sigmas[:-1]], cfg=cfg,
@@ -115,7 +120,7 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
     request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
                                start.float(), seed, slicing)
-    request.validate()
+    request.validate(len(device_list) or 1)
     in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
 
     bar = comfy.utils.ProgressBar(len(plan.jobs()))
@@ -129,10 +134,14 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
         request.model = diffusion_model
         if in_process:
             output, stats = run_in_process(request, progress)
+        elif cluster:
+            output, stats = run_on_cluster(request, cluster, _host_setup(None), bar.update_absolute,
+                                           comfy.model_management.throw_exception_if_processing_interrupted)
         else:
             rendezvous = Path(tempfile.mkdtemp(prefix="streamline_dualparal_"))
             try:
-                output, stats = run_in_workers(request, _host_setup(device_list), bar.update_absolute,
+                output, stats = run_in_workers(request, _host_setup(device_list[0].type == "cpu"),
+                                               bar.update_absolute,
                                                comfy.model_management.throw_exception_if_processing_interrupted,
                                                str(rendezvous / "group"))
             finally:

@@ -1,7 +1,8 @@
 """DualParal: block-wise, layer-pipelined long-video sampling of Wan DiT models over several ranks."""
+from .cluster import cluster_address
 from .pipeline import RankStats, Sampling
-from .runner import DualParalRequest, parse_devices, run_in_process, run_in_workers
+from .runner import DualParalRequest, parse_devices, run_in_process, run_in_workers, run_on_cluster
 from .schedule import BlockPlan, DualParalError, layer_ranges
 
-__all__ = ["BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "layer_ranges",
-           "parse_devices", "run_in_process", "run_in_workers"]
+__all__ = ["BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "cluster_address",
+           "layer_ranges", "parse_devices", "run_in_process", "run_in_workers", "run_on_cluster"]

@@ -1,16 +1,18 @@
-"""DualParal runs: devices, validation before anything starts, one rank in this process or one
-worker process per rank."""
+"""DualParal runs: devices, validation before anything starts, one rank in this process, one
+worker process per rank, or the ranks of a torchrun cluster."""
 import os
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import AuthenticationError, Client
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..slicing import SliceSettings
+from .cluster import KEY_VARIABLE, cluster_key, receive, send
 from .noise import coordinated_noise
 from .pipeline import FirstRank, RankStats, Sampling, run_rank
-from .processes import run_workers
+from .processes import POLL_S, WorkerError, run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
 from .wan_stage import WanStage, check_supported, rank_model, rank_prepared
 
@@ -52,20 +54,20 @@ class DualParalRequest:
     seed: int
     slicing: Optional[SliceSettings] = None
 
-    def validate(self) -> list:
-        """Everything that can be checked before a process starts; returns each rank's layers."""
+    def validate(self, ranks: int) -> list:
+        """Everything that can be checked before a process starts; returns each of `ranks` ranks' layers."""
         check_supported(self.model, tuple(self.latent.shape))
         if self.latent.shape[0] != 1:
             raise DualParalError(f"the latent holds a batch of {self.latent.shape[0]} videos; DualParal samples one "
                                  f"video at a time: set the batch size to 1.")
         if self.plan.frames != self.latent.shape[2]:
             raise DualParalError("the block plan does not match the latent's length")
-        return layer_ranges(len(self.model.blocks), len(self.devices))
+        return layer_ranges(len(self.model.blocks), ranks)
 
 
 def run_in_process(request: DualParalRequest, progress: Callable[[int, int], None]) -> tuple:
     """One rank here, on the model as the host loaded it: (latent, [RankStats])."""
-    ranges = request.validate()
+    ranges = request.validate(1)
     device = request.devices[0]
     noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
     output = torch.zeros_like(request.latent)
@@ -89,26 +91,81 @@ def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callab
     """One spawned process per device (gloo between CPU ranks, NCCL between GPUs), each holding only
     its layers; the weights are shared with this process, not copied. `init_file`: a path no other
     run uses, for the process group's rendezvous."""
-    ranges = request.validate()
+    ranges = request.validate(len(request.devices))
     backends = {d.type for d in request.devices}
     if len(backends) > 1:
         raise DualParalError("devices mix CPU and GPUs; use GPUs only or cpu:N only.")
     world = len(request.devices)
-    latent = request.latent.share_memory_()
-    noise = coordinated_noise(tuple(latent.shape), request.plan, request.seed).share_memory_()
-    output = torch.zeros_like(latent).share_memory_()
+    latent, noise, output = (t.share_memory_() for t in _first_rank_tensors(request))
     threads = max(1, (os.cpu_count() or 1) // world)
     payloads, environments = [], []
-    for rank, (device, layers) in enumerate(zip(request.devices, ranges)):
-        first = rank == 0
+    for rank, device in enumerate(request.devices):
         payloads.append({
-            "rank": rank, "world": world, "backend": "nccl" if device.type == "cuda" else "gloo",
-            "init_method": f"file://{init_file}", "device": "cuda:0" if device.type == "cuda" else "cpu",
-            "threads": threads, "layers": (layers.start, layers.stop), "dtype": request.dtype,
-            "model": rank_model(request.model, layers, first=first, last=rank == world - 1),
-            "latent_shape": tuple(latent.shape), "plan": asdict(request.plan), "sampling": dict(vars(request.sampling)),
-            "slicing": None if request.slicing is None else asdict(request.slicing),
-            **({"latent": latent, "noise": noise, "output": output} if first else {})})
+            **_rank_payload(request, rank, ranges, (latent, noise, output)),
+            "backend": "nccl" if device.type == "cuda" else "gloo", "init_method": f"file://{init_file}",
+            "device": "cuda:0" if device.type == "cuda" else "cpu", "threads": threads})
         environments.append({"CUDA_VISIBLE_DEVICES": _cuda_visible(device) if device.type == "cuda" else ""})
     stats = run_workers(payloads, environments, host_setup, progress, check_interrupt)
     return output.clone(), [RankStats(**{**s, "device": str(d)}) for s, d in zip(stats, request.devices)]
+
+
+def run_on_cluster(request: DualParalRequest, address: tuple, host_setup: list, progress: Callable[[int, int], None],
+                   check_interrupt: Callable[[], None]) -> tuple:
+    """The ranks of a torchrun cluster (cluster.py) run the request: rank 0 listens at `address`
+    (host, port) and hands every rank its layers. The cluster serves one request at a time: a
+    second one connects once the first is done."""
+    host, port = address
+    try:
+        connection = Client(address, authkey=cluster_key())
+    except AuthenticationError:
+        raise DualParalError(f"the DualParal cluster at {host}:{port} refused ComfyUI's key: set {KEY_VARIABLE} to "
+                             f"the same value for ComfyUI and torchrun.") from None
+    except OSError as error:
+        raise DualParalError(f"no DualParal cluster answers at {host}:{port} ({error.strerror or error}): start its "
+                             f"ranks with torchrun and dualparal_cluster.py (README: DualParal across machines).") from None
+    with connection:
+        devices = receive(connection)["devices"]
+        try:
+            ranges = request.validate(len(devices))
+        except DualParalError:
+            send(connection, None)
+            raise
+        send(connection, host_setup)
+        tensors = _first_rank_tensors(request)
+        for rank in range(len(devices)):
+            send(connection, _rank_payload(request, rank, ranges, tensors))
+        while True:
+            check_interrupt()  # raising closes the connection, which ends the cluster's run
+            if not connection.poll(POLL_S):
+                continue
+            try:
+                kind, *body = receive(connection)
+            except (EOFError, OSError):
+                body = ["its rank 0 ended without a word"]
+                kind = "error"
+            if kind == "progress":
+                progress(*body)
+            elif kind == "done":
+                output, stats = body
+                return output, [RankStats(**{**s, "device": d}) for s, d in zip(stats, devices)]
+            else:
+                raise WorkerError(f"the DualParal cluster at {host}:{port} failed: {body[0]}. Every rank has ended "
+                                  f"(torchrun's output on each machine names the failed rank); start torchrun again.")
+
+
+def _first_rank_tensors(request: DualParalRequest) -> tuple:
+    """(latent, noise, output): what the first rank samples from and into."""
+    noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
+    return request.latent, noise, torch.zeros_like(request.latent)
+
+
+def _rank_payload(request: DualParalRequest, rank: int, ranges: list, first_rank_tensors: tuple) -> dict:
+    """What one rank needs of the request, whichever process runs it."""
+    world, layers, first = len(ranges), ranges[rank], rank == 0
+    latent, noise, output = first_rank_tensors
+    return {"rank": rank, "world": world, "layers": (layers.start, layers.stop), "dtype": request.dtype,
+            "model": rank_model(request.model, layers, first=first, last=rank == world - 1),
+            "latent_shape": tuple(latent.shape), "plan": asdict(request.plan),
+            "sampling": dict(vars(request.sampling)),
+            "slicing": None if request.slicing is None else asdict(request.slicing),
+            **({"latent": latent, "noise": noise, "output": output} if first else {})}

@@ -1,11 +1,13 @@
 """One DualParal rank in its own process: joins the process group, runs its part of the model for
 every job and reports its statistics (or its error) to the parent."""
+import importlib
 import os
 import pickle
 import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,16 +46,29 @@ def serve(inbox, outbox, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def apply_host_setup(host_setup: list) -> None:
+    """Sets the host's settings (module, attribute, {name: value}) before its modules use them."""
+    for module_name, attribute, values in host_setup:
+        target = getattr(importlib.import_module(module_name), attribute)
+        for key, value in values.items():
+            setattr(target, key, value)
+
+
 def run_worker(payload: dict, outbox) -> RankStats:
-    rank, world = payload["rank"], payload["world"]
     device = torch.device(payload["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(payload["threads"])
+    dist.init_process_group(payload["backend"], init_method=payload["init_method"], rank=payload["rank"],
+                            world_size=payload["world"], timeout=GROUP_TIMEOUT)
+    return run_payload(payload, device, progress=lambda done, total: outbox.put(("progress", done, total)))
+
+
+def run_payload(payload: dict, device: torch.device, progress: Callable[[int, int], None]) -> RankStats:
+    """Runs one rank's part of a request in the process group this process has joined."""
     torch.set_grad_enabled(False)
-    dist.init_process_group(payload["backend"], init_method=payload["init_method"], rank=rank, world_size=world,
-                            timeout=GROUP_TIMEOUT)
+    rank, world = payload["rank"], payload["world"]
     model = payload["model"].to(device)
     height, width = payload["latent_shape"][3:]
     stage = WanStage(model, payload["dtype"], device, height, width)
@@ -64,6 +79,5 @@ def run_worker(payload: dict, outbox) -> RankStats:
     slicing = None if payload["slicing"] is None else SliceSettings(**payload["slicing"])
     with rank_prepared(model.blocks, slicing, device, stats):
         ring = Ring(rank, world, device, stats) if world > 1 else None
-        run_rank(stage, plan, sampling, stats, ring, first_rank,
-                 progress=lambda done, total: outbox.put(("progress", done, total)))
+        run_rank(stage, plan, sampling, stats, ring, first_rank, progress)
     return stats
