@@ -2,6 +2,7 @@
 for video diffusion in ComfyUI. Registered through the comfy_api v0.0.2 (v3 schema) entry point."""
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from .nodes.cmd import CMDDecoder, CMDEncode, CMDLoader, CMDMotionSampler
 from .nodes.dualparal import DualParalSampler
 from .nodes.memory_monitor import MemoryMonitor, install_prompt_recording
 from .nodes.planner import MemoryPlanner
@@ -12,7 +13,8 @@ WEB_DIRECTORY = "./web"
 
 class StreamlineExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FeatureSlicer, OperatorGrouper, VAESlicer, MemoryPlanner, MemoryMonitor, DualParalSampler]
+        return [FeatureSlicer, OperatorGrouper, VAESlicer, MemoryPlanner, MemoryMonitor, DualParalSampler, CMDLoader,
+                CMDEncode, CMDDecoder, CMDMotionSampler]
 
 
 async def comfy_entrypoint() -> StreamlineExtension:

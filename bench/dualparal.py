@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
 from devkit import model_fixtures  # noqa: E402
-from reporting import RESULTS, cpu_machine, pyplot, write_json  # noqa: E402
+from reporting import RESULTS, cpu_machine, flop_counter, pyplot, write_json  # noqa: E402
 from stock_peaks import BF16, GIB, wan  # noqa: E402
 
 FRAMES = [int(f) for f in sys.argv[1:]] or [81, 161, 321, 641]
@@ -34,14 +33,6 @@ SLICED_FRAMES = (81, 321)  # the sliced replay is slow under fake tensors
 WINDOW_FRAMES, WINDOW_OVERLAP = 81, 30  # stock context windows (video frames)
 GPU_TFLOPS, LINK_GBPS = 80.0, 20.0  # modelled GPU: sustained bf16 throughput, PCIe 4.0 x16
 HEIGHT, WIDTH = 60, 104  # latent of 480x832
-
-
-def flop_counter():
-    """FlopCounterMode with a formula for the CPU flash-attention kernel SDPA takes on fake CPU
-    tensors (torch counts only the GPU kernels)."""
-    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={
-        cpu_attention: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)})
 
 
 def latent_frames(frames: int) -> int:

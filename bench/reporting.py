@@ -23,3 +23,12 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def flop_counter():
+    """FlopCounterMode with a formula for the CPU flash-attention kernel SDPA takes on fake CPU
+    tensors (torch counts only the GPU kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return FlopCounterMode(display=False, custom_mapping={
+        cpu_attention: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)})
