@@ -63,7 +63,7 @@ def test_shipped_weights_reconstruct_held_out_clips_better_than_their_content_fr
     decoded = decode_clips(cmd, content, motion)
     assert content.shape == (8, 64, 64, 3) and motion.shape == (8, *cmd.config.motion_shape)
     ours, still = psnr(decoded, frames), psnr(content.repeat_interleave(8, dim=0), frames)
-    assert ours > still + 1.0 and ours > TRAINING_REPORT["reconstruction_psnr_db"] - 1.5, (ours, still)
+    assert ours > still + 3.0 and ours > TRAINING_REPORT["reconstruction_psnr_min_db"], (ours, still)
 
 
 def test_sampled_motion_depends_on_the_seed_and_moves(cmd):
