@@ -53,7 +53,9 @@ class CMDLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
-        return io.NodeOutput(_run("CMD Loader", load_cmd, folder_paths.get_full_path_or_raise(FOLDER, model_name)))
+        import comfy.model_management
+        model = _run("CMD Loader", load_cmd, folder_paths.get_full_path_or_raise(FOLDER, model_name))
+        return io.NodeOutput(model.to(comfy.model_management.get_torch_device()))
 
 
 class CMDEncode(io.ComfyNode):
