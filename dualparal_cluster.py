@@ -1,20 +1,34 @@
-"""A rank of a DualParal cluster: torchrun starts one per GPU (or CPU process) on every machine, and
-ComfyUI's DualParal Multi-GPU Sampler sends it work through rank 0 (devices torchrun://HOST:PORT).
+"""A DualParal cluster: one rank per GPU (or CPU process) on every machine, started through torchrun,
+serving ComfyUI's DualParal Multi-GPU Sampler (devices torchrun://HOST:PORT) through rank 0.
 
-    torchrun --nnodes=2 --node-rank=0 --nproc-per-node=4 --master-addr=HOST --master-port=29500 \\
-        dualparal_cluster.py --comfyui /path/to/ComfyUI --port 29501
+One machine (everything on loopback):
 
-on HOST (node rank 0, whose first process is rank 0) and with --node-rank=1 on the other machine.
-The pack's `core` is loaded by path, so this file runs from wherever the pack is.
+    STREAMLINE_DUALPARAL_KEY=... python dualparal_cluster.py --comfyui /path/to/ComfyUI --nproc-per-node 4
+
+Two machines (node 0 at 10.0.0.1 listens on its LAN address; the same key on both):
+
+    python dualparal_cluster.py --comfyui ... --key-file KEY --nnodes 2 --node-rank 0 --nproc-per-node 4 \\
+        --master-addr 10.0.0.1 --listen 10.0.0.1
+    python dualparal_cluster.py --comfyui ... --key-file KEY --nnodes 2 --node-rank 1 --nproc-per-node 4 \\
+        --master-addr 10.0.0.1
+
+This runs torchrun's launcher in this process (static rendezvous at --master-addr:--master-port),
+with node 0's rendezvous store and rank 0's port for ComfyUI (--port) bound to --listen only
+(default 127.0.0.1: nothing reachable from other machines). The pack's `core` is loaded by path, so
+this file runs from wherever the pack is.
 """
 import argparse
 import importlib
 import importlib.util
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
 CORE_DIR = Path(__file__).resolve().with_name("core")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LISTEN_VARIABLE = "STREAMLINE_DUALPARAL_LISTEN"
 
 
 def _load_core(package: str = "streamline_cluster_core"):
@@ -25,19 +39,76 @@ def _load_core(package: str = "streamline_cluster_core"):
     return importlib.import_module(f"{package}.dualparal.cluster")
 
 
+def _bind_rendezvous_store(listen: str) -> None:
+    """torchrun's node 0 hosts the rendezvous store on every address; hand it a socket bound to
+    `listen` instead (TCPStore's master_listen_fd)."""
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import static_tcp_rendezvous
+
+    def bound_store(host_name, port, world_size, is_master, timeout, **options):
+        if not is_master:
+            return TCPStore(host_name, port, world_size, is_master, timeout, **options)
+        family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((listen, port))
+        server.listen(128)
+        return TCPStore(host_name, port, world_size, is_master, timeout, master_listen_fd=server.detach(),
+                        **options)
+    static_tcp_rendezvous.TCPStore = bound_store
+
+
+def _loopback_interface() -> str:
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
+
+
+def _launch(args, cluster) -> None:
+    """Runs torchrun's launcher here; every rank runs this file again with --serve."""
+    from torch.distributed.run import main as torchrun
+    try:
+        cluster.read_key(args.key_file)
+    except ValueError as error:
+        sys.exit(f"dualparal_cluster.py: {error}")
+    if args.key_file is not None and not os.environ.get(cluster.KEY_VARIABLE):
+        os.environ[cluster.KEY_VARIABLE] = args.key_file.read_text().strip()  # the ranks inherit it
+    os.environ[LISTEN_VARIABLE] = args.listen
+    if args.listen in LOOPBACK:  # the ranks' own connections (gloo, NCCL) stay on this machine too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", _loopback_interface())
+    _bind_rendezvous_store(args.listen)
+    torchrun([f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--nproc-per-node={args.nproc_per_node}",
+              f"--master-addr={args.master_addr}", f"--master-port={args.master_port}", "--rdzv-backend=static",
+              str(Path(__file__).resolve()), "--serve", "--comfyui", str(args.comfyui), "--port", str(args.port)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True, type=Path,
                         help="ComfyUI's folder on this machine: its code rebuilds the layers ComfyUI sends "
                              "(no model files are needed here)")
-    parser.add_argument("--port", type=int, help="the port rank 0 listens on for ComfyUI (default 29501)")
+    parser.add_argument("--port", type=int, default=29501, help="the port rank 0 listens on for ComfyUI")
+    parser.add_argument("--listen", default="127.0.0.1",
+                        help="the address node 0 listens on, for ComfyUI and for the other nodes' rendezvous "
+                             "(default 127.0.0.1: this machine only; give node 0's LAN address for several "
+                             "machines)")
+    parser.add_argument("--key-file", type=Path,
+                        help="a file holding the key ComfyUI must present (else STREAMLINE_DUALPARAL_KEY)")
+    parser.add_argument("--nnodes", type=int, default=1, help="machines in the cluster")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's index (0 hosts rank 0)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this machine (one per GPU)")
+    parser.add_argument("--master-addr", default="127.0.0.1", help="node 0's address as the other nodes reach it")
+    parser.add_argument("--master-port", type=int, default=29500, help="node 0's rendezvous port")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a rank started by torchrun
     args = parser.parse_args()
     if not (args.comfyui / "comfy" / "model_management.py").is_file():
         parser.error(f"--comfyui {args.comfyui}: no ComfyUI there (comfy/model_management.py is missing)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sys.path.insert(0, str(args.comfyui.resolve()))
     cluster = _load_core()
-    cluster.serve_cluster(args.port or cluster.DEFAULT_PORT)
+    if not args.serve:
+        _launch(args, cluster)
+        return
+    cluster.serve_cluster(args.port, os.environ.get(LISTEN_VARIABLE, "127.0.0.1"), cluster.read_key(None))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..core.dualparal import (BlockPlan, DualParalError, DualParalRequest, Sampling, cluster_address, parse_devices,
-                              run_in_process, run_in_workers, run_on_cluster)
+from ..core.dualparal import (BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed, cluster_address,
+                              parse_devices, read_key, run_in_process, run_in_workers, run_on_cluster)
 from .slicing import SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -76,12 +75,25 @@ def _weights_for(model, devices, in_process: bool):
         model.unpatch_model(device_to=model.offload_device)
 
 
-def _host_setup(cpu: Optional[bool]) -> list:
-    """ComfyUI's command-line settings for the workers (they choose its attention kernel); `cpu`
-    None leaves the choice of device to them."""
+def _host_setup(cpu: bool) -> list:
+    """ComfyUI's command-line settings for the workers (they choose its attention kernel)."""
     from comfy.cli_args import args
-    settings = {key: value for key, value in vars(args).items() if cpu is not None or key != "cpu"}
-    return [("comfy.cli_args", "args", {**settings, **({} if cpu is None else {"cpu": args.cpu or cpu})})]
+    return [("comfy.cli_args", "args", {**vars(args), "cpu": args.cpu or cpu})]
+
+
+def _cluster_key(address: tuple) -> bytes:
+    """The key for a cluster this ComfyUI's owner allowed (a workflow alone cannot pick a host):
+    both from the environment or from files in ComfyUI's user folder."""
+    import folder_paths
+    folder = Path(folder_paths.get_user_directory()) / "streamline"
+    check_allowed(address, folder / "dualparal_clusters.txt")
+    return read_key(folder / "dualparal.key")
+
+
+def _check_numbers(**values) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise DualParalError(f"{name} is {value}; give a finite number.")
 
 
 def report(plan: BlockPlan, stats, seconds: float) -> str:
@@ -102,14 +114,19 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     import comfy.model_management
     import comfy.utils
 
+    samples = latent["samples"]
+    if samples.ndim != 5:
+        raise DualParalError(f"the latent has shape {tuple(samples.shape)}, not a video latent (batch, channels, "
+                             f"frames, height, width): make it with EmptyHunyuanLatentVideo or a Wan video node.")
+    _check_numbers(cfg=cfg, shift=shift, denoise=denoise)
     if "noise_mask" in latent:
         raise DualParalError("the latent carries a noise mask (inpainting), which DualParal does not apply: "
                              "remove Set Latent Noise Mask.")
-    samples = latent["samples"]
     if denoise <= 0.0:
         return latent, [], 0.0  # as ComfyUI's samplers: nothing to denoise
     plan = BlockPlan(samples.shape[2], frames_per_block, cache_frames, steps)
     cluster = cluster_address(devices)
+    cluster_key = _cluster_key(cluster) if cluster else None
     device_list = [] if cluster else parse_devices(devices, torch.cuda.device_count())
     model_sampling = _flow_sampling(model, shift)
     sigmas = _sigmas(model_sampling, steps, denoise)
@@ -119,7 +136,7 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
     request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
-                               start.float(), seed, slicing)
+                               start.float(), seed, slicing, config=model.model.model_config.unet_config)
     request.validate(len(device_list) or 1)
     in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
 
@@ -135,7 +152,8 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
         if in_process:
             output, stats = run_in_process(request, progress)
         elif cluster:
-            output, stats = run_on_cluster(request, cluster, _host_setup(None), bar.update_absolute,
+            from comfy.cli_args import args
+            output, stats = run_on_cluster(request, cluster, cluster_key, vars(args), bar.update_absolute,
                                            comfy.model_management.throw_exception_if_processing_interrupted)
         else:
             rendezvous = Path(tempfile.mkdtemp(prefix="streamline_dualparal_"))

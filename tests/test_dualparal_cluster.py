@@ -1,12 +1,16 @@
-"""DualParal over a torchrun cluster: two torchrun "machines" on this host (static rendezvous, one CPU
-rank each, as the README starts them on several machines) serve the sampler's requests through
-devices torchrun://HOST:PORT."""
+"""DualParal over a torchrun cluster: two "machines" on this host (dualparal_cluster.py, static
+rendezvous, one CPU rank each, as the README starts them on several machines) serve the sampler's
+requests through devices torchrun://HOST:PORT; what crosses the socket cannot run code, keys and the
+allowlist are enforced, and nothing listens beyond loopback by default."""
 import os
+import pickle
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from multiprocessing.connection import AuthenticationError, Client, Listener
 
 import psutil
 import pytest
@@ -18,7 +22,7 @@ from devkit.model_fixtures import build_wan
 from test_dualparal import NEGATIVE, POSITIVE, dualparal, empty_latent
 from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
 
-KEY = "streamline-test-key"
+KEY = "streamline-test-key-0123456789"
 
 
 def free_port() -> int:
@@ -27,54 +31,68 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class TorchrunCluster:
-    """`torchrun ... dualparal_cluster.py` once per node, every node on this host."""
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
 
-    def __init__(self, log_dir, nodes: int = 2, ranks_per_node: int = 1):
+
+class Cluster:
+    """`dualparal_cluster.py` once per node, every node on this host."""
+
+    def __init__(self, log_dir, nodes: int = 2):
         self.port, master_port = free_port(), free_port()
         self.address = f"torchrun://127.0.0.1:{self.port}"
         environment = {**os.environ, "STREAMLINE_DUALPARAL_KEY": KEY, "OMP_NUM_THREADS": "1"}
         self.nodes = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node-rank={node}",
-             f"--nproc-per-node={ranks_per_node}", "--master-addr=127.0.0.1", f"--master-port={master_port}",
-             str(REPO_ROOT / "dualparal_cluster.py"), "--comfyui", str(comfyui_dir()), "--port", str(self.port)],
+            [sys.executable, str(REPO_ROOT / "dualparal_cluster.py"), "--comfyui", str(comfyui_dir()),
+             "--port", str(self.port), f"--nnodes={nodes}", f"--node-rank={node}", f"--master-port={master_port}"],
             env=environment, stdout=(log_dir / f"node{node}.log").open("w"), stderr=subprocess.STDOUT)
             for node in range(nodes)]
-        self._wait_listening()
+        wait_for(self._listening, 120, "the cluster's rank 0 did not listen")
 
-    def _wait_listening(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert all(node.poll() is None for node in self.nodes), "a torchrun node ended while starting"
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.3)
-        raise TimeoutError("the cluster's rank 0 did not listen")
+    def _listening(self) -> bool:
+        assert all(node.poll() is None for node in self.nodes), "a cluster node ended while starting"
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def processes(self) -> list:
+        return [process for node in self.nodes if node.poll() is None
+                for process in [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
 
     def ranks(self) -> list:
-        """The rank processes torchrun started (its agents' children)."""
-        return [child for node in self.nodes if node.poll() is None
-                for child in psutil.Process(node.pid).children(recursive=True)
-                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+        return [p for p in self.processes() if "--serve" in p.cmdline()]
+
+    def listening_sockets(self) -> set:
+        return {(c.laddr.ip, c.laddr.port) for p in self.processes() for c in p.net_connections("inet")
+                if c.status == "LISTEN"}
 
     def wait_ended(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(node.poll() is None for node in self.nodes):
-            time.sleep(0.2)
-        return all(node.poll() is not None for node in self.nodes)
+        try:
+            wait_for(lambda: all(node.poll() is not None for node in self.nodes), timeout_s, "")
+        except TimeoutError:
+            return False
+        return True
 
     def stop(self) -> None:
+        for process in reversed(self.processes()):
+            process.kill()
         for node in self.nodes:
-            for process in [*psutil.Process(node.pid).children(recursive=True), node] if node.poll() is None else []:
-                process.kill()
             node.wait(timeout=30)
+
+
+def allow(monkeypatch, port: int) -> None:
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", KEY)
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", f"127.0.0.1:{port}")
 
 
 @pytest.fixture
 def cluster(monkeypatch, tmp_path):
-    monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", KEY)
-    started = TorchrunCluster(tmp_path)
+    started = Cluster(tmp_path)
+    allow(monkeypatch, started.port)
     yield started
     started.stop()
 
@@ -84,12 +102,19 @@ def wan2(pack):
     return patcher(build_wan("tiny", layers=2))
 
 
-def test_two_torchrun_nodes_sample_the_latent_of_one_rank_and_serve_the_next_prompt(wan2, cluster):
+def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_refuse_strangers(wan2, cluster):
     from comfyui_streamline.nodes.dualparal import DualParalSampler
 
-    too_many_ranks = dict(model=patcher(build_wan("tiny", layers=1)), positive=POSITIVE, negative=NEGATIVE, seed=0, steps=2,
-                          cfg=1.0, shift=5.0, devices=cluster.address, frames_per_block=2, cache_frames=1, denoise=1.0,
-                          latent_image=empty_latent(4))
+    listening = cluster.listening_sockets()
+    assert ("127.0.0.1", cluster.port) in listening and len(listening) > 2  # ComfyUI's port, rendezvous, gloo
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+    with pytest.raises(AuthenticationError):
+        Client(("127.0.0.1", cluster.port), authkey=b"not-the-key-of-this-cluster")
+    with socket.create_connection(("127.0.0.1", cluster.port)) as stranger:  # no handshake, a pickle instead
+        stranger.sendall(pickle.dumps(("request", os.system)))
+    too_many_ranks = dict(model=patcher(build_wan("tiny", layers=1)), positive=POSITIVE, negative=NEGATIVE, seed=0,
+                          steps=2, cfg=1.0, shift=5.0, devices=cluster.address, frames_per_block=2, cache_frames=1,
+                          denoise=1.0, latent_image=empty_latent(4))
     with pytest.raises(ValueError, match="2 ranks for a model with 1 transformer layers"):
         DualParalSampler.execute(**too_many_ranks)  # refused by ComfyUI; the cluster goes on serving
     for frames, steps in ((7, 3), (5, 2)):
@@ -102,8 +127,13 @@ def test_two_torchrun_nodes_sample_the_latent_of_one_rank_and_serve_the_next_pro
     assert len(cluster.ranks()) == 2
 
 
-def _run_in_thread(model, address) -> tuple:
-    outcome = {}
+@contextmanager
+def run_in_thread(model, address):
+    """A long cluster run in a thread, yielded once its ranks are sampling (the first progress)."""
+    import comfy.utils
+
+    sampling, outcome = threading.Event(), {}
+    comfy.utils.set_progress_bar_global_hook(lambda *args, **kwargs: sampling.set())
 
     def run():
         try:
@@ -112,34 +142,123 @@ def _run_in_thread(model, address) -> tuple:
             outcome["error"] = error
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(8.0)  # the request has reached every rank and they are sampling
-    assert thread.is_alive(), outcome
-    return thread, outcome
+    try:
+        assert sampling.wait(120) and thread.is_alive(), outcome
+        yield thread, outcome
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        thread.join(timeout=60)
 
 
 def test_a_killed_rank_on_the_other_node_ends_the_run_with_a_clear_error(wan2, cluster):
     from comfyui_streamline.core.dualparal.processes import WorkerError
 
-    thread, outcome = _run_in_thread(wan2, cluster.address)
-    psutil.Process(cluster.nodes[1].pid).children(recursive=True)[0].kill()
-    killed_at = time.monotonic()
-    thread.join(timeout=60)
-    assert not thread.is_alive() and time.monotonic() - killed_at < 60
+    with run_in_thread(wan2, cluster.address) as (thread, outcome):
+        [rank] = [p for p in cluster.ranks() if psutil.Process(cluster.nodes[1].pid) in p.parents()]
+        rank.kill()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
     assert isinstance(outcome["error"], WorkerError), outcome
     assert f"the DualParal cluster at 127.0.0.1:{cluster.port} failed" in str(outcome["error"])
     assert "start torchrun again" in str(outcome["error"])
-    assert cluster.wait_ended(60), "torchrun left ranks behind"
+    assert cluster.wait_ended(60), "the cluster left ranks behind"
 
 
 def test_interrupting_a_cluster_run_ends_its_ranks_and_an_absent_cluster_is_named(wan2, cluster):
     import comfy.model_management
 
-    thread, outcome = _run_in_thread(wan2, cluster.address)
-    comfy.model_management.interrupt_current_processing(True)
-    thread.join(timeout=60)
+    with run_in_thread(wan2, cluster.address) as (thread, outcome):
+        comfy.model_management.interrupt_current_processing(True)
+        thread.join(timeout=60)
     assert isinstance(outcome.get("error"), comfy.model_management.InterruptProcessingException), outcome
     assert cluster.wait_ended(60), "the ranks went on after the interrupt"
     with pytest.raises(Exception, match=f"no DualParal cluster answers at 127.0.0.1:{cluster.port}"):
         dualparal(wan2, empty_latent(4), cluster.address)
-    with pytest.raises(Exception, match="write torchrun://HOST:PORT"):
-        dualparal(wan2, empty_latent(4), "torchrun://nohost")
+
+
+@pytest.mark.parametrize("devices", ["torchrun://nohost", "torchrun://127.0.0.1:99999", "torchrun://127.0.0.1:0"])
+def test_a_malformed_cluster_address_is_named(wan2, devices):
+    with pytest.raises(ValueError, match="write torchrun://HOST:PORT with a port from 1 to 65535"):
+        dualparal(wan2, empty_latent(4), devices)
+
+
+class FakeCluster:
+    """A peer on loopback that holds the key and answers with a pickle that would write a marker."""
+
+    def __init__(self, marker):
+        self.listener = Listener(("127.0.0.1", 0), authkey=KEY.encode())
+        self.port = self.listener.address[1]
+        self.connections = 0
+        self.received = []
+        threading.Thread(target=self._serve, args=(marker,), daemon=True).start()
+
+    def _serve(self, marker):
+        with self.listener.accept() as connection:
+            self.connections += 1
+            connection.send_bytes(pickle.dumps(Exploit(str(marker))))
+            try:
+                while True:
+                    self.received.append(connection.recv_bytes())
+            except (EOFError, OSError):
+                pass
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_hostile_cluster_runs_no_code_in_comfyui_and_gets_nothing_of_the_model(wan2, monkeypatch, tmp_path):
+    marker = tmp_path / "pwned"
+    peer = FakeCluster(marker)
+    allow(monkeypatch, peer.port)
+    with pytest.raises(Exception, match="answered with a message that is not DualParal's") as refused:
+        dualparal(wan2, empty_latent(4), f"torchrun://127.0.0.1:{peer.port}")
+    assert "nothing more was sent" in str(refused.value)
+    wait_for(lambda: peer.connections == 1, 30, "ComfyUI never connected")
+    assert not marker.exists()
+    assert peer.received == []
+
+
+def test_a_cluster_missing_from_the_allowlist_is_never_contacted(wan2, monkeypatch, tmp_path):
+    peer = Listener(("127.0.0.1", 0), authkey=KEY.encode())
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", KEY)
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", "10.0.0.1:29501")
+    address = f"torchrun://127.0.0.1:{peer.address[1]}"
+    with pytest.raises(ValueError, match=f"add the line 127.0.0.1:{peer.address[1]} to .*dualparal_clusters.txt"):
+        dualparal(wan2, empty_latent(4), address)
+    peer._listener._socket.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer._listener._socket.accept()  # no connection is waiting
+    peer.close()
+
+
+@pytest.mark.parametrize("key, message", [(None, "no DualParal cluster key: set STREAMLINE_DUALPARAL_KEY"),
+                                          ("streamline-dualparal", "too weak"), ("short", "too weak")])
+def test_comfyui_and_the_cluster_refuse_to_run_without_a_real_key(wan2, monkeypatch, key, message):
+    port = free_port()
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", f"127.0.0.1:{port}")
+    environment = {k: v for k, v in os.environ.items() if k != "STREAMLINE_DUALPARAL_KEY"}
+    if key is None:
+        monkeypatch.delenv("STREAMLINE_DUALPARAL_KEY", raising=False)
+    else:
+        monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", key)
+        environment["STREAMLINE_DUALPARAL_KEY"] = key
+    with pytest.raises(ValueError, match=message):
+        dualparal(wan2, empty_latent(4), f"torchrun://127.0.0.1:{port}")
+    started = subprocess.run([sys.executable, str(REPO_ROOT / "dualparal_cluster.py"), "--comfyui", str(comfyui_dir()),
+                              "--port", str(port)], env=environment, capture_output=True, text=True, timeout=300)
+    assert started.returncode != 0 and message.split(":")[0] in started.stderr, started.stderr
+
+
+def test_a_message_decodes_only_to_json_and_tensors(pack):
+    from comfyui_streamline.core.dualparal.wire import MalformedMessage, decode, encode
+
+    meta, tensors = decode(encode({"kind": "progress", "done": 1}, {"x": torch.arange(4.0)}))
+    assert meta == {"kind": "progress", "done": 1} and torch.equal(tensors["x"], torch.arange(4.0))
+    for hostile in (pickle.dumps(Exploit("/nonexistent/marker")), b"", b"\xff" * 8 + b"{}"):
+        with pytest.raises(MalformedMessage):
+            decode(hostile)

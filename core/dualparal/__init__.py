@@ -1,8 +1,9 @@
 """DualParal: block-wise, layer-pipelined long-video sampling of Wan DiT models over several ranks."""
-from .cluster import cluster_address
+from .cluster import check_allowed, cluster_address, read_key
 from .pipeline import RankStats, Sampling
 from .runner import DualParalRequest, parse_devices, run_in_process, run_in_workers, run_on_cluster
 from .schedule import BlockPlan, DualParalError, layer_ranges
 
-__all__ = ["BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "cluster_address",
-           "layer_ranges", "parse_devices", "run_in_process", "run_in_workers", "run_on_cluster"]
+__all__ = ["BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "check_allowed",
+           "cluster_address", "layer_ranges", "parse_devices", "read_key", "run_in_process", "run_in_workers",
+           "run_on_cluster"]

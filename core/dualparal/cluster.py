@@ -8,28 +8,40 @@ gloo control group, the ranks run the pipeline as spawned workers do, and rank 0
 latent and every rank's statistics. A rank that fails, or a run ComfyUI cancels, ends every rank
 (a process group with operations in flight cannot be recovered); torchrun is started again for the
 next run.
+
+What crosses the network is wire.py's messages (JSON and safetensors), never pickle. ComfyUI and
+rank 0 prove to each other that they hold the same key (multiprocessing's HMAC challenge) before a
+message is read, and ComfyUI connects only to clusters its own allowlist names.
 """
+import json
 import logging
 import os
-import pickle
 import socket
 from dataclasses import asdict
 from datetime import timedelta
 from multiprocessing.connection import AuthenticationError, Connection, Listener
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from . import wire
 from .schedule import DualParalError
+from .wan_stage import rank_model, rank_model_description, rebuild_rank_model
+from .wire import MalformedMessage
 from .worker import GROUP_TIMEOUT, apply_host_setup, run_payload
 
 log = logging.getLogger(__name__)
 
 CLUSTER_PREFIX = "torchrun://"
 KEY_VARIABLE = "STREAMLINE_DUALPARAL_KEY"
+ALLOWED_VARIABLE = "STREAMLINE_DUALPARAL_CLUSTERS"
+MIN_KEY_LENGTH = 16
+RETIRED_KEYS = {"streamline-dualparal"}  # the public default of earlier versions
 DEFAULT_PORT = 29501
-IDLE_TIMEOUT = timedelta(days=365)  # ranks other than 0 wait for the next request in a broadcast
+IDLE_TIMEOUT = timedelta(days=365)  # ranks other than 0 wait for the next request on the control group
+NEW_KEY_HINT = "python -c \"import secrets; print(secrets.token_urlsafe(32))\" > FILE && chmod 600 FILE"
 
 
 def cluster_address(devices: str) -> Optional[tuple]:
@@ -38,60 +50,134 @@ def cluster_address(devices: str) -> Optional[tuple]:
     if not text.lower().startswith(CLUSTER_PREFIX):
         return None
     host, _, port = text[len(CLUSTER_PREFIX):].rpartition(":")
-    if not host or not port.isdigit():
-        raise DualParalError(f"devices '{text}': write torchrun://HOST:PORT, where rank 0 of the torchrun cluster "
-                             f"listens (e.g. torchrun://10.0.0.1:{DEFAULT_PORT}).")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DualParalError(f"devices '{text}': write torchrun://HOST:PORT with a port from 1 to 65535, where rank 0 "
+                             f"of the torchrun cluster listens (e.g. torchrun://10.0.0.1:{DEFAULT_PORT}).")
     return host.strip("[]"), int(port)
 
 
-def cluster_key() -> bytes:
-    """The shared secret ComfyUI and rank 0 authenticate each other with."""
-    return os.environ.get(KEY_VARIABLE, "streamline-dualparal").encode()
+def read_key(key_file: Optional[Path]) -> bytes:
+    """The shared secret of ComfyUI and a cluster: STREAMLINE_DUALPARAL_KEY, else `key_file`'s text."""
+    text, source = os.environ.get(KEY_VARIABLE, "").strip(), KEY_VARIABLE
+    if not text and key_file is not None and key_file.is_file():
+        text, source = key_file.read_text().strip(), str(key_file)
+    if not text:
+        where = f"or write it into {key_file}" if key_file is not None else "or pass --key-file FILE"
+        raise DualParalError(f"no DualParal cluster key: set {KEY_VARIABLE} {where}, the same key for ComfyUI and "
+                             f"every torchrun rank. Make one with: {NEW_KEY_HINT}")
+    if len(text) < MIN_KEY_LENGTH or text in RETIRED_KEYS:
+        raise DualParalError(f"the DualParal cluster key from {source} is too weak (a public default, or under "
+                             f"{MIN_KEY_LENGTH} characters): make a new one with: {NEW_KEY_HINT}")
+    return text.encode()
 
 
-def send(connection: Connection, message) -> None:
-    connection.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+def check_allowed(address: tuple, allow_file: Path) -> None:
+    """A workflow names a cluster; this ComfyUI connects only if its owner listed it too, in
+    STREAMLINE_DUALPARAL_CLUSTERS (comma-separated HOST:PORT) or in `allow_file` (one per line)."""
+    entries = os.environ.get(ALLOWED_VARIABLE, "").split(",")
+    if allow_file.is_file():
+        entries += allow_file.read_text().splitlines()
+    allowed = {entry.strip().lower() for entry in entries if entry.strip() and not entry.strip().startswith("#")}
+    host, port = address
+    if f"{host}:{port}".lower() not in allowed and f"[{host}]:{port}".lower() not in allowed:
+        raise DualParalError(f"the workflow sends the model to torchrun://{host}:{port}, which this ComfyUI does not "
+                             f"allow: if that cluster is yours, add the line {host}:{port} to {allow_file} (or to "
+                             f"{ALLOWED_VARIABLE}, comma-separated) and queue the prompt again.")
 
 
-def receive(connection: Connection):
-    return pickle.loads(connection.recv_bytes())
+def send(connection: Connection, meta: dict, tensors: Optional[dict] = None) -> None:
+    connection.send_bytes(wire.encode(meta, tensors))
 
 
-def _send_bytes(data: bytes, rank: int, group) -> None:
-    dist.send(torch.tensor([len(data)]), rank, group=group)
-    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), rank, group=group)
+def receive(connection: Connection) -> tuple:
+    return wire.decode(connection.recv_bytes())
 
 
-def _receive_bytes(group) -> bytes:
+def plain_settings(values: dict) -> dict:
+    """ComfyUI's command-line settings that are plain values (what a cluster can be sent)."""
+    return {k: v for k, v in values.items()
+            if type(v) in (bool, int, float, str, type(None)) or type(v) is list and all(type(i) is str for i in v)}
+
+
+def _apply_settings(settings, device: torch.device) -> None:
+    """ComfyUI's settings from the request, only where this host has the same setting with a value of
+    the same type; the device is this rank's own."""
+    from comfy.cli_args import args
+    if not isinstance(settings, dict):
+        raise MalformedMessage("settings that are not an object")
+    known = {k: v for k, v in plain_settings(settings).items()
+             if hasattr(args, k) and (getattr(args, k) is None or type(getattr(args, k)) is type(v))}
+    apply_host_setup([("comfy.cli_args", "args", {**known, "cpu": device.type == "cpu"})])
+
+
+def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) -> bytes:
+    """One rank's part of a DualParalRequest as a message (the inverse of `payload_from_message`)."""
+    world, layers = len(ranges), ranges[rank]
+    first, last = rank == 0, rank == world - 1
+    part = rank_model(request.model, layers, first=first, last=last)
+    latent, noise, _ = first_rank_tensors
+    meta = {"rank": rank, "world": world, "layers": [layers.start, layers.stop], "dtype": wire.dtype_name(request.dtype),
+            "latent_shape": list(latent.shape), "plan": asdict(request.plan),
+            "sampling": {"timesteps": [float(t) for t in request.sampling.timesteps], "cfg": float(request.sampling.cfg)},
+            "slicing": None if request.slicing is None else asdict(request.slicing),
+            "model": rank_model_description(request.model, request.config, layers, first, last)}
+    tensors = {f"model.{name}": value for name, value in part.state_dict().items()}
+    tensors.update(sigmas=request.sampling.sigmas, context=request.sampling.context,
+                   **({"latent": latent, "noise": noise} if first else {}))
+    return wire.encode(meta, tensors)
+
+
+def payload_from_message(data: bytes) -> dict:
+    """The payload `run_payload` takes, from a peer's message; MalformedMessage for anything else."""
+    meta, tensors = wire.decode(data)
+    try:
+        rank, world = int(meta["rank"]), int(meta["world"])
+        weights = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+        payload = {"rank": rank, "world": world, "layers": tuple(int(i) for i in meta["layers"]),
+                   "dtype": wire.dtype_from_name(meta["dtype"]),
+                   "model": rebuild_rank_model(meta["model"], weights),
+                   "latent_shape": tuple(int(i) for i in meta["latent_shape"]), "plan": dict(meta["plan"]),
+                   "sampling": {**dict(meta["sampling"]), "sigmas": tensors["sigmas"], "context": tensors["context"]},
+                   "slicing": None if meta["slicing"] is None else dict(meta["slicing"])}
+        if rank == 0:
+            payload.update(latent=tensors["latent"], noise=tensors["noise"], output=torch.zeros_like(tensors["latent"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise MalformedMessage(f"a request without a valid {error}") from None
+    return payload
+
+
+def _send_bytes(data: bytes, to: int, group) -> None:
+    dist.send(torch.tensor([len(data)]), to, group=group)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), to, group=group)
+
+
+def _receive_bytes(source: int, group) -> bytes:
     length = torch.zeros(1, dtype=torch.int64)
-    dist.recv(length, 0, group=group)
+    dist.recv(length, source, group=group)
     buffer = torch.empty(int(length), dtype=torch.uint8)
-    dist.recv(buffer, 0, group=group)
+    dist.recv(buffer, source, group=group)
     return buffer.numpy().tobytes()
 
 
-def _apply_host_setup(host_setup: list, device: torch.device) -> None:
-    """ComfyUI's settings from the request; the device is this rank's own."""
-    apply_host_setup([*host_setup, ("comfy.cli_args", "args", {"cpu": device.type == "cpu"})])
-
-
-def serve_cluster(port: int) -> None:
-    """The life of one torchrun rank: join the group, then run requests until something fails."""
+def serve_cluster(port: int, listen: str, key: bytes) -> None:
+    """The life of one torchrun rank: join the group, then run requests until something fails. Rank 0
+    listens for ComfyUI on `listen`:`port`."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=GROUP_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    names = [None] * dist.get_world_size()
-    dist.all_gather_object(names, f"{socket.gethostname()} {device}", group=control)
-    if dist.get_rank() == 0:
-        listener = Listener(("0.0.0.0", port), authkey=cluster_key())
-        log.info("DualParal cluster of %d ranks (%s) listens on port %d", len(names), ", ".join(names), port)
+    name = f"{socket.gethostname()} {device}"
+    if dist.get_rank() != 0:
+        _send_bytes(name.encode(), 0, control)
         while True:
-            _serve_request(listener, names, control, device)
+            _run_forwarded_request(control, device)
+    names = [name] + [_receive_bytes(rank, control).decode() for rank in range(1, dist.get_world_size())]
+    listener = Listener((listen, port), authkey=key)
+    log.info("DualParal cluster of %d ranks (%s) listens on %s:%d", len(names), ", ".join(names), listen, port)
     while True:
-        _run_forwarded_request(control, device)
+        _serve_request(listener, names, control, device)
 
 
 def _serve_request(listener: Listener, names: list, control, device: torch.device) -> None:
@@ -105,31 +191,34 @@ def _serve_request(listener: Listener, names: list, control, device: torch.devic
         return
     with connection:
         try:
-            send(connection, {"devices": names})
-            host_setup = receive(connection)  # None: ComfyUI refused the request itself
-        except (EOFError, OSError):
+            send(connection, {"kind": "devices", "devices": names})
+            meta, _ = receive(connection)
+        except (EOFError, OSError, MalformedMessage) as error:
+            log.warning("a request was refused before it reached the ranks: %s", error)
             return
-        if host_setup is None:
-            return
+        if meta.get("kind") != "request":
+            return  # ComfyUI refused the run itself
+        settings = json.dumps(plain_settings(meta.get("settings") or {})).encode()
         try:
-            dist.broadcast_object_list([host_setup], src=0, group=control)
-            _apply_host_setup(host_setup, device)
+            for rank in range(1, len(names)):
+                _send_bytes(settings, rank, control)
+            _apply_settings(json.loads(settings), device)
             payload = None
             for rank in range(len(names)):
                 data = connection.recv_bytes()
                 if rank == 0:
-                    payload = pickle.loads(data)
+                    payload = payload_from_message(data)
                 else:
                     _send_bytes(data, rank, control)
                 del data
-            stats = run_payload(payload, device, progress=lambda done, total: send(connection, ("progress", done, total)))
-            gathered = [None] * len(names)
-            dist.gather_object(asdict(stats), gathered, dst=0, group=control)
-            send(connection, ("done", payload["output"], gathered))
+            stats = run_payload(payload, device, progress=lambda done, total: send(
+                connection, {"kind": "progress", "done": done, "total": total}))
+            gathered = [asdict(stats)] + [json.loads(_receive_bytes(rank, control)) for rank in range(1, len(names))]
+            send(connection, {"kind": "done", "stats": gathered}, {"output": payload["output"]})
         except BaseException as error:
             log.exception("DualParal cluster rank 0 failed; ending every rank")
             try:
-                send(connection, ("error", f"{type(error).__name__}: {error}"))
+                send(connection, {"kind": "error", "message": f"{type(error).__name__}: {error}"})
             except OSError:
                 pass  # ComfyUI has gone (the run was cancelled)
             os._exit(1)
@@ -137,12 +226,10 @@ def _serve_request(listener: Listener, names: list, control, device: torch.devic
 
 def _run_forwarded_request(control, device: torch.device) -> None:
     try:
-        host_setup = [None]
-        dist.broadcast_object_list(host_setup, src=0, group=control)
-        _apply_host_setup(host_setup[0], device)
-        payload = pickle.loads(_receive_bytes(control))
+        _apply_settings(json.loads(_receive_bytes(0, control)), device)
+        payload = payload_from_message(_receive_bytes(0, control))
         stats = run_payload(payload, device, progress=lambda done, total: None)
-        dist.gather_object(asdict(stats), None, dst=0, group=control)
+        _send_bytes(json.dumps(asdict(stats)).encode(), 0, control)
     except BaseException:
         log.exception("DualParal cluster rank %d failed; ending every rank", dist.get_rank())
         os._exit(1)

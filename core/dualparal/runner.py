@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ..slicing import SliceSettings
-from .cluster import KEY_VARIABLE, cluster_key, receive, send
+from .cluster import KEY_VARIABLE, plain_settings, rank_message, receive, send
 from .noise import coordinated_noise
 from .pipeline import FirstRank, RankStats, Sampling, run_rank
 from .processes import POLL_S, WorkerError, run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
 from .wan_stage import WanStage, check_supported, rank_model, rank_prepared
+from .wire import MalformedMessage
 
 
 def parse_devices(text: str, cuda_count: int) -> list:
@@ -53,6 +54,7 @@ class DualParalRequest:
     latent: torch.Tensor  # (1, channels, frames, height, width), float32, in the model's latent space
     seed: int
     slicing: Optional[SliceSettings] = None
+    config: Optional[dict] = None  # the model's constructor arguments (ComfyUI's unet_config), for clusters
 
     def validate(self, ranks: int) -> list:
         """Everything that can be checked before a process starts; returns each of `ranks` ranks' layers."""
@@ -109,48 +111,75 @@ def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callab
     return output.clone(), [RankStats(**{**s, "device": str(d)}) for s, d in zip(stats, request.devices)]
 
 
-def run_on_cluster(request: DualParalRequest, address: tuple, host_setup: list, progress: Callable[[int, int], None],
-                   check_interrupt: Callable[[], None]) -> tuple:
+def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settings: dict,
+                   progress: Callable[[int, int], None], check_interrupt: Callable[[], None]) -> tuple:
     """The ranks of a torchrun cluster (cluster.py) run the request: rank 0 listens at `address`
-    (host, port) and hands every rank its layers. The cluster serves one request at a time: a
-    second one connects once the first is done."""
-    host, port = address
+    (host, port) and hands every rank its layers. `settings`: ComfyUI's command-line settings. The
+    cluster serves one request at a time: a second one connects once the first is done."""
+    name = "%s:%d" % address
     try:
-        connection = Client(address, authkey=cluster_key())
+        connection = Client(address, authkey=key)
     except AuthenticationError:
-        raise DualParalError(f"the DualParal cluster at {host}:{port} refused ComfyUI's key: set {KEY_VARIABLE} to "
-                             f"the same value for ComfyUI and torchrun.") from None
+        raise DualParalError(f"the DualParal cluster at {name} refused ComfyUI's key, or does not hold it: set "
+                             f"{KEY_VARIABLE} to the same value for ComfyUI and torchrun.") from None
     except OSError as error:
-        raise DualParalError(f"no DualParal cluster answers at {host}:{port} ({error.strerror or error}): start its "
-                             f"ranks with torchrun and dualparal_cluster.py (README: DualParal across machines).") from None
+        raise DualParalError(f"no DualParal cluster answers at {name} ({error.strerror or error}): start its ranks "
+                             f"with dualparal_cluster.py (README: DualParal across machines).") from None
     with connection:
-        devices = receive(connection)["devices"]
         try:
-            ranges = request.validate(len(devices))
-        except DualParalError:
-            send(connection, None)
-            raise
-        send(connection, host_setup)
-        tensors = _first_rank_tensors(request)
-        for rank in range(len(devices)):
-            send(connection, _rank_payload(request, rank, ranges, tensors))
-        while True:
-            check_interrupt()  # raising closes the connection, which ends the cluster's run
-            if not connection.poll(POLL_S):
-                continue
-            try:
-                kind, *body = receive(connection)
-            except (EOFError, OSError):
-                body = ["its rank 0 ended without a word"]
-                kind = "error"
-            if kind == "progress":
-                progress(*body)
-            elif kind == "done":
-                output, stats = body
-                return output, [RankStats(**{**s, "device": d}) for s, d in zip(stats, devices)]
-            else:
-                raise WorkerError(f"the DualParal cluster at {host}:{port} failed: {body[0]}. Every rank has ended "
-                                  f"(torchrun's output on each machine names the failed rank); start torchrun again.")
+            return _converse(connection, request, settings, progress, check_interrupt)
+        except MalformedMessage as error:
+            raise WorkerError(f"the DualParal cluster at {name} answered with {error}; nothing more was sent "
+                              f"to it.") from None
+        except (EOFError, OSError) as error:
+            reason = f"its rank 0 ended without a word ({type(error).__name__})"
+        except _ClusterFailed as error:
+            reason = str(error)
+    raise WorkerError(f"the DualParal cluster at {name} failed: {reason}. Every rank has ended (the output of "
+                      f"dualparal_cluster.py on each machine names the failed rank); start torchrun again.")
+
+
+class _ClusterFailed(Exception):
+    pass
+
+
+def _converse(connection, request: DualParalRequest, settings: dict, progress, check_interrupt) -> tuple:
+    meta, _ = receive(connection)
+    devices = meta.get("devices")
+    if meta.get("kind") != "devices" or not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise MalformedMessage("a greeting without its list of devices")
+    try:
+        ranges = request.validate(len(devices))
+    except DualParalError:
+        send(connection, {"kind": "refused"})
+        raise
+    send(connection, {"kind": "request", "settings": plain_settings(settings)})
+    tensors = _first_rank_tensors(request)
+    for rank in range(len(devices)):
+        connection.send_bytes(rank_message(request, rank, ranges, tensors))
+    while True:
+        check_interrupt()  # raising closes the connection, which ends the cluster's run
+        if not connection.poll(POLL_S):
+            continue
+        meta, tensors = receive(connection)
+        kind = meta.get("kind")
+        if kind == "progress":
+            progress(int(meta["done"]), int(meta["total"]))
+        elif kind == "done":
+            return _result(meta, tensors, request, devices)
+        else:
+            raise _ClusterFailed(str(meta.get("message", "an unknown answer")))
+
+
+def _result(meta: dict, tensors: dict, request: DualParalRequest, devices: list) -> tuple:
+    output = tensors.get("output")
+    if output is None or output.shape != request.latent.shape:
+        raise MalformedMessage(f"a result that is not a latent of shape {tuple(request.latent.shape)}")
+    try:
+        return output, [RankStats(**{**s, "device": d, "layers": tuple(s["layers"])})
+                        for s, d in zip(meta["stats"], devices)]
+    except (KeyError, TypeError) as error:
+        raise MalformedMessage(f"statistics without {error}") from None
 
 
 def _first_rank_tensors(request: DualParalRequest) -> tuple:
@@ -160,7 +189,7 @@ def _first_rank_tensors(request: DualParalRequest) -> tuple:
 
 
 def _rank_payload(request: DualParalRequest, rank: int, ranges: list, first_rank_tensors: tuple) -> dict:
-    """What one rank needs of the request, whichever process runs it."""
+    """What one rank needs of the request in a worker process of this machine."""
     world, layers, first = len(ranges), ranges[rank], rank == 0
     latent, noise, output = first_rank_tensors
     return {"rank": rank, "world": world, "layers": (layers.start, layers.stop), "dtype": request.dtype,

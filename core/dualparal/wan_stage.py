@@ -5,6 +5,9 @@ blocks, the last rank runs the head. The pieces are the model's own modules and 
 way WanModel.forward_orig calls them, so a single rank computes what the stock forward computes.
 """
 import copy
+import importlib
+import inspect
+import json
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -15,6 +18,7 @@ from ..slicing import slicing_applied
 from ..slicing.temporal import host_function
 from .memory import peak_memory
 from .schedule import DualParalError, Job
+from .wire import MalformedMessage, dtype_from_name, dtype_name
 
 WAN_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
              "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim")
@@ -59,6 +63,65 @@ def rank_model(model: nn.Module, layers: range, first: bool, last: bool) -> nn.M
     if not last:
         part.head = None
     return part
+
+
+# What a cluster rank may be asked to build: the host's Wan DiT class, with the host's own layer
+# classes (weights in the compute dtype, or cast to it on every call).
+RANK_MODEL_CLASSES = {"comfy.ldm.wan.model.WanModel"}
+RANK_MODEL_OPERATIONS = ("disable_weight_init", "manual_cast")
+NOT_CONSTRUCTOR_ARGUMENTS = ("dtype", "device", "operations")
+
+
+def rank_model_description(model: nn.Module, config: dict, layers: range, first: bool, last: bool) -> dict:
+    """JSON that a cluster rank rebuilds `rank_model(...)` from (`rebuild_rank_model`); `config`:
+    the host's constructor arguments of the model (ComfyUI's unet_config)."""
+    operations = type(model.text_embedding[0]).__qualname__.split(".")[0]
+    if operations not in RANK_MODEL_OPERATIONS:
+        raise DualParalError(f"the model's layers are {type(model.text_embedding[0]).__qualname__} (quantized or "
+                             f"scaled weights), which a cluster cannot be sent: load the model with weight_dtype "
+                             f"default (fp16 / bf16 weights).")
+    arguments = {k: v for k, v in config.items() if k not in NOT_CONSTRUCTOR_ARGUMENTS}
+    try:
+        json.dumps(arguments, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise DualParalError(f"the model's configuration cannot be sent to a cluster ({error})") from None
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "operations": operations,
+            "config": {**arguments, "num_layers": len(layers)}, "first": first, "last": last,
+            "weight_dtype": dtype_name(model.text_embedding[0].weight.dtype)}
+
+
+def rebuild_rank_model(description: dict, state_dict: dict) -> nn.Module:
+    """The rank's part of the model from a peer's description and weights: only classes this table
+    names are built, with constructor arguments the class takes, and every weight must fit."""
+    if not isinstance(description, dict):
+        raise MalformedMessage("a model description that is not an object")
+    class_path = description.get("class")
+    if class_path not in RANK_MODEL_CLASSES or description.get("operations") not in RANK_MODEL_OPERATIONS:
+        raise MalformedMessage(f"a request to build {class_path!r} with {description.get('operations')!r} layers, "
+                               f"which a DualParal rank does not build")
+    module_name, class_name = class_path.rsplit(".", 1)
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    operations = getattr(importlib.import_module("comfy.ops"), description["operations"])
+    config = description.get("config")
+    accepted = set(inspect.signature(model_class).parameters) - set(NOT_CONSTRUCTOR_ARGUMENTS)
+    if not isinstance(config, dict) or not set(config) <= accepted:
+        raise MalformedMessage(f"constructor arguments {sorted(set(config or {}) - accepted)} that "
+                               f"{class_name} does not take (ComfyUI of another version on the cluster?)")
+    arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    with torch.device("meta"):
+        model = model_class(**arguments, dtype=dtype_from_name(description.get("weight_dtype")),
+                            operations=operations)
+    if not description.get("first"):
+        model.patch_embedding = None
+    if not description.get("last"):
+        model.head = None
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise MalformedMessage(f"weights that do not fit {class_name}: {str(error)[:300]}") from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise MalformedMessage(f"{class_name} holds tensors its weights do not fill")
+    return model
 
 
 def carrying_self_attention(attention: nn.Module):
