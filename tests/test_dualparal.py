@@ -1,8 +1,10 @@
 """DualParal Multi-GPU Sampler on the tiny Wan fixture with CPU ranks (gloo): same latent for any
 number of ranks, stock sampling for a single block, flat per-rank memory over the video's length,
 a killed worker, and input it refuses before any process starts."""
+import os
 import threading
 import time
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -100,29 +102,38 @@ def test_a_latent_four_times_longer_keeps_every_rank_peak_flat(wan3):
         assert l.peak_bytes <= 1.05 * s.peak_bytes, (rank, s.peak_bytes, l.peak_bytes)
 
 
-def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works(wan3):
-    from comfyui_streamline.core.dualparal.processes import WorkerError
+@contextmanager
+def run_in_thread(model, devices):
+    """A long DualParal run in a thread, yielded once its ranks are sampling (the first progress)."""
+    import comfy.utils
 
-    outcome = {}
+    sampling, outcome = threading.Event(), {}
+    comfy.utils.set_progress_bar_global_hook(lambda *args, **kwargs: sampling.set())
 
     def run():
         try:
-            outcome["result"] = dualparal(wan3, empty_latent(8), "cpu:2", steps=100000)
-        except Exception as error:  # noqa: BLE001 (the test inspects it)
+            outcome["result"] = dualparal(model, empty_latent(8), devices, steps=100000)
+        except BaseException as error:  # noqa: BLE001 (the test inspects it)
             outcome["error"] = error
-
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 120
-    while len(worker_processes()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    workers = worker_processes()
-    assert len(workers) == 2
-    time.sleep(3.0)  # the ranks are sampling
-    killed_at = time.monotonic()
-    workers[-1].kill()
-    thread.join(timeout=60)
-    assert not thread.is_alive() and time.monotonic() - killed_at < 60
+    try:
+        assert sampling.wait(120) and thread.is_alive(), outcome
+        yield thread, outcome
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        thread.join(timeout=60)
+
+
+def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works(wan3):
+    from comfyui_streamline.core.dualparal.processes import WorkerError
+
+    with run_in_thread(wan3, "cpu:2") as (thread, outcome):
+        workers = worker_processes()
+        assert len(workers) == 2
+        workers[-1].kill()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
     error = outcome["error"]
     assert isinstance(error, WorkerError)
     assert "stopped (killed by signal 9)" in str(error) and "all workers were stopped" in str(error)
@@ -161,6 +172,27 @@ def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
     masked = {**empty_latent(4), "noise_mask": torch.ones(1, 1, 4, 4, 6)}
     with pytest.raises(ValueError, match="noise mask"):
         DualParalSampler.execute(model=patcher(build_wan("tiny")), latent_image=masked, **inputs)
+
+
+def open_handles() -> tuple:
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/dev/shm"))
+
+
+def test_interrupted_runs_release_every_file_descriptor_and_shared_memory_segment(wan3):
+    """Interrupted as soon as the payloads are sent: the workers are killed before they fetch their
+    shared tensors, the case that used to leave their handles open."""
+    import comfy.model_management
+
+    def interrupted_run():
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            dualparal(wan3, empty_latent(8), "cpu:2")
+        assert not worker_processes()
+    interrupted_run()  # the first run moves the weights into shared memory, once
+    before = open_handles()
+    for _ in range(10):
+        interrupted_run()
+    assert open_handles() == before
 
 
 def _server_workers(comfy_server) -> list:

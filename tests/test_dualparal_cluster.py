@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from multiprocessing.connection import AuthenticationError, Client, Listener
 
 import psutil
@@ -19,7 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from devkit.comfy_env import comfyui_dir
 from devkit.model_fixtures import build_wan
-from test_dualparal import NEGATIVE, POSITIVE, dualparal, empty_latent
+from test_dualparal import NEGATIVE, POSITIVE, dualparal, empty_latent, run_in_thread
 from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
 
 KEY = "streamline-test-key-0123456789"
@@ -125,29 +124,6 @@ def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_ref
         assert all(s.device == f"{socket.gethostname()} cpu" and s.jobs > 0 and s.peak_bytes > 0 for s in stats)
         assert stats[0].sent_bytes > 0 and stats[1].sent_bytes > 0
     assert len(cluster.ranks()) == 2
-
-
-@contextmanager
-def run_in_thread(model, address):
-    """A long cluster run in a thread, yielded once its ranks are sampling (the first progress)."""
-    import comfy.utils
-
-    sampling, outcome = threading.Event(), {}
-    comfy.utils.set_progress_bar_global_hook(lambda *args, **kwargs: sampling.set())
-
-    def run():
-        try:
-            outcome["result"] = dualparal(model, empty_latent(8), address, steps=100000)
-        except BaseException as error:  # noqa: BLE001 (the test inspects it)
-            outcome["error"] = error
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert sampling.wait(120) and thread.is_alive(), outcome
-        yield thread, outcome
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        thread.join(timeout=60)
 
 
 def test_a_killed_rank_on_the_other_node_ends_the_run_with_a_clear_error(wan2, cluster):

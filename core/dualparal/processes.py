@@ -5,6 +5,7 @@ and the error names the rank. Interrupts from the host (`check_interrupt` raisin
 """
 import multiprocessing
 import queue
+from multiprocessing import resource_sharer
 import resource
 import runpy
 import sys
@@ -44,6 +45,23 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+@contextmanager
+def _unfetched_handles_closed():
+    """Pickling a shared tensor for a spawned process registers a duplicate of its file descriptor
+    with multiprocessing's resource sharer until the child fetches it. A worker killed before it read
+    its payload never does: close what the run registered and nobody fetched, or each such handle
+    keeps an fd open and its shared memory alive for good."""
+    sharer = resource_sharer._resource_sharer
+    before = set(sharer._cache)
+    try:
+        yield
+    finally:
+        with sharer._lock:
+            unfetched = [sharer._cache.pop(key) for key in set(sharer._cache) - before]
+        for _, close in unfetched:
+            close()
+
+
 def _describe_exit(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
@@ -65,20 +83,28 @@ def run_workers(payloads: list, environments: list, host_setup: list, progress: 
             for process in processes:
                 process.start()
         _raise_open_file_limit()
-        for inbox, payload in zip(inboxes, payloads):
-            # pickled here, not in the queue's feeder thread, so that a payload that cannot be sent
-            # raises instead of leaving its worker waiting
-            inbox.put(bytes(ForkingPickler.dumps(payload)))
-        return _collect(processes, outbox, progress, check_interrupt)
+        with _unfetched_handles_closed():
+            try:
+                for inbox, payload in zip(inboxes, payloads):
+                    # pickled here, not in the queue's feeder thread, so that a payload that cannot
+                    # be sent raises instead of leaving its worker waiting
+                    inbox.put(bytes(ForkingPickler.dumps(payload)))
+                return _collect(processes, outbox, progress, check_interrupt)
+            finally:
+                _stop(processes)  # before the handles close: no worker is fetching one then
     finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-        for process in processes:
-            process.join(timeout=30)
+        _stop(processes)
         for channel in (outbox, *inboxes):
             channel.cancel_join_thread()
             channel.close()
+
+
+def _stop(processes) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(timeout=30)
 
 
 def _collect(processes, outbox, progress, check_interrupt) -> list:
