@@ -66,7 +66,19 @@ class Workload:
     dtype: torch.dtype = torch.float16
 
 
+class WorkloadError(ValueError):
+    """A latent the model cannot take."""
+
+
+def _check_latent(work: Workload, dims: int, layout: str, channels: int) -> None:
+    shape = tuple(work.latent_shape)
+    if len(shape) != dims or shape[1] != channels:
+        raise WorkloadError(f"the latent has shape {list(shape)}; this model takes {layout} with {channels} channels")
+
+
 def _wan_forward(model: nn.Module, work: Workload) -> Callable:
+    _check_latent(work, 5, "a video latent of batch x channels x frames x height x width (from a Wan or "
+                           "EmptyHunyuanLatentVideo latent node)", model.out_dim)
     batch, _, frames, height, width = work.latent_shape
     batch *= work.cond_batches
     channels, text_width = model.patch_embedding.in_channels, model.text_embedding[0].in_features
@@ -78,6 +90,8 @@ def _wan_forward(model: nn.Module, work: Workload) -> Callable:
 
 
 def _svd_forward(model: nn.Module, work: Workload) -> Callable:
+    _check_latent(work, 4, "ComfyUI's SVD latent of frames x channels x height x width (from "
+                           "SVD_img2vid_Conditioning)", model.out_channels)
     frames, _, height, width = work.latent_shape  # ComfyUI's SVD latent: one row per frame
     batch = frames * work.cond_batches
     context_width = next(m.attn2.to_k.in_features for m in model.modules() if hasattr(m, "attn2"))

@@ -8,7 +8,7 @@ from comfy.patcher_extension import WrappersMP
 from comfy_api.v0_0_2 import io
 
 from ..core.memory import GIB
-from ..core.memory_predictor import Workload, model_forward, predict_peak, slicing_ladder
+from ..core.memory_predictor import Workload, WorkloadError, model_forward, predict_peak, slicing_ladder
 from ..core.slicing import UnsupportedModelError, slicing_applied
 from .slicing import sliced_model
 
@@ -73,7 +73,7 @@ class MemoryPlanner(io.ComfyNode):
         work = Workload(tuple(latent["samples"].shape), 2 if cfg else 1, dtype)
         try:
             forward = model_forward(diffusion_model, work)
-        except UnsupportedModelError as error:
+        except (UnsupportedModelError, WorkloadError) as error:
             raise ValueError(f"Memory Planner: {error}") from None
         device = mm.get_torch_device()
         budget = budget_gib * GIB or mm.get_free_memory(device) + model.loaded_size()

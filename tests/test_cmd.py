@@ -111,6 +111,32 @@ def test_missing_or_foreign_weights_are_named_with_how_to_train_them(pack, tmp_p
         load_cmd(tmp_path / "absent.safetensors")
 
 
+@pytest.mark.parametrize("claim, message", [
+    ({"dim": 1536, "heads": 4}, "does not match its config .*weights missing, unexpected or of another shape"),
+    ({"dim": 10 ** 6}, "dim is 1000000; a CMD model takes a whole number from 1 to 2048"),
+    ({"frames": -3}, "frames is -3"), ({"dim": "96"}, "dim is '96'")])
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_a_model_is_allocated(pack, tmp_path, claim, message):
+    import json
+
+    import psutil
+    import safetensors
+    import safetensors.torch
+    from comfyui_streamline.core.cmd import load_cmd
+
+    with safetensors.safe_open(str(SHIPPED), framework="pt") as file:
+        metadata = file.metadata()
+    forged = tmp_path / "forged.safetensors"
+    state = safetensors.torch.load_file(str(SHIPPED))
+    safetensors.torch.save_file(state, str(forged), metadata={
+        **metadata, "config": json.dumps({**json.loads(metadata["config"]), **claim})})
+    del state
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(ValueError, match=message) as refused:
+        load_cmd(forged)
+    assert "scripts/train_cmd.py" in str(refused.value)
+    assert psutil.Process().memory_info().rss - before < 64 * 2 ** 20
+
+
 def _train(tmp_path, *extra) -> subprocess.CompletedProcess:
     out = tmp_path / "out"
     return subprocess.run(

@@ -148,6 +148,10 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works
     (dict(devices="gpu"), "'gpu' is not a device"),
     (dict(cache_frames=2), "cache frames is 2: it must be at least 0 and below frames per block (2)"),
     (dict(frames_per_block=9), "frames per block is 9, but the latent has 8 frames"),
+    (dict(latent_image={"samples": torch.zeros(1, 16, 8, 8)}), "the latent has shape (1, 16, 8, 8), not a video latent"),
+    (dict(denoise=float("nan")), "denoise is nan; give a finite number"),
+    (dict(cfg=float("inf")), "cfg is inf; give a finite number"),
+    (dict(devices="torchrun://127.0.0.1:99999"), "with a port from 1 to 65535"),
 ])
 def test_input_it_cannot_run_is_refused_before_any_process_starts(wan3, change, message):
     from comfyui_streamline.nodes.dualparal import DualParalSampler

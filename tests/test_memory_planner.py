@@ -91,6 +91,15 @@ def test_planner_rejects_a_model_it_cannot_predict(pack):
         MemoryPlanner.execute(other, latent(), 0.0, True)
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 8, 8), (1, 4, 3, 8, 8)])
+def test_planner_names_a_latent_the_model_cannot_take(pack, wan_model, shape):
+    from comfyui_streamline.nodes.planner import MemoryPlanner
+
+    with pytest.raises(ValueError, match=r"Memory Planner: the latent has shape \[.*\]; this model takes a video latent "
+                                         r"of batch x channels x frames x height x width .* with 16 channels"):
+        MemoryPlanner.execute(wan_model, {"samples": torch.zeros(shape)}, 0.0, True)
+
+
 def test_out_of_memory_during_sampling_retries_once_with_finer_slicing(pack, wan_model, caplog):
     from comfy.patcher_extension import WrappersMP
     from comfyui_streamline.nodes.planner import MemoryPlanner

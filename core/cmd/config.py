@@ -6,6 +6,11 @@ class CMDError(ValueError):
     pass
 
 
+# What a config may claim (a file's metadata is checked against these before a model is built);
+# other fields (depths, heads, channels) up to 64.
+LIMITS = {"frames": 256, "height": 4096, "width": 4096, "patch": 64, "dim": 2048, "dit_dim": 2048}
+
+
 @dataclass(frozen=True)
 class CMDConfig:
     frames: int = 8
@@ -23,6 +28,10 @@ class CMDConfig:
     dit_depth: int = 4
 
     def __post_init__(self):
+        for name, value in vars(self).items():
+            if type(value) is not int or not 0 < value <= LIMITS.get(name, 64):
+                raise CMDError(f"{name} is {value!r}; a CMD model takes a whole number from 1 to "
+                               f"{LIMITS.get(name, 64)}")
         if self.height % self.patch or self.width % self.patch:
             raise CMDError(f"a {self.height}x{self.width} frame does not split into {self.patch}-pixel patches")
         if self.dim % self.heads or self.dit_dim % self.dit_heads:
