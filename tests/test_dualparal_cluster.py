@@ -161,15 +161,19 @@ def test_a_malformed_cluster_address_is_named(wan2, devices):
 class FakeCluster:
     """A peer on loopback that holds the key and answers with a pickle that would write a marker."""
 
-    def __init__(self, marker):
-        self.listener = Listener(("127.0.0.1", 0), authkey=KEY.encode())
+    def __init__(self, marker, key: str = KEY):
+        self.listener = Listener(("127.0.0.1", 0), authkey=key.encode())
         self.port = self.listener.address[1]
         self.connections = 0
         self.received = []
         threading.Thread(target=self._serve, args=(marker,), daemon=True).start()
 
     def _serve(self, marker):
-        with self.listener.accept() as connection:
+        try:
+            connection = self.listener.accept()
+        except AuthenticationError:
+            return
+        with connection:
             self.connections += 1
             connection.send_bytes(pickle.dumps(Exploit(str(marker))))
             try:
@@ -197,6 +201,15 @@ def test_a_hostile_cluster_runs_no_code_in_comfyui_and_gets_nothing_of_the_model
     wait_for(lambda: peer.connections == 1, 30, "ComfyUI never connected")
     assert not marker.exists()
     assert peer.received == []
+
+
+def test_a_cluster_with_another_key_is_refused_before_anything_is_read_or_sent(wan2, monkeypatch, tmp_path):
+    marker = tmp_path / "pwned"
+    peer = FakeCluster(marker, key="an-impersonator-without-the-key")
+    allow(monkeypatch, peer.port)
+    with pytest.raises(ValueError, match=f"the DualParal cluster at 127.0.0.1:{peer.port} refused ComfyUI's key"):
+        dualparal(wan2, empty_latent(4), f"torchrun://127.0.0.1:{peer.port}")
+    assert not marker.exists() and peer.received == []
 
 
 def test_a_cluster_missing_from_the_allowlist_is_never_contacted(wan2, monkeypatch, tmp_path):
