@@ -232,16 +232,26 @@ def test_dualparal_workflow_runs_through_the_api_with_two_ranks_like_one(comfy_s
 
 
 def test_interrupting_a_dualparal_prompt_stops_its_workers_and_the_next_prompt_runs(comfy_server):
+    import json
+    import uuid
+
     import requests
+    import websocket
 
     prompt = load_workflow("demo_wan21_t2v_dualparal_tiny.api.json")
     prompt["7"]["inputs"]["steps"] = 10000
-    prompt_id = comfy_server.queue(prompt)
-    deadline = time.monotonic() + 120
-    while len(_server_workers(comfy_server)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={client_id}", timeout=120)
+    try:
+        prompt_id = comfy_server.queue(prompt, client_id)
+        while True:  # the ranks are sampling once the sampler reports progress
+            message = ws.recv()
+            if isinstance(message, str) and json.loads(message).get("type") == "progress" \
+                    and json.loads(message)["data"].get("node") == "7":
+                break
+    finally:
+        ws.close()
     assert len(_server_workers(comfy_server)) == 2
-    time.sleep(2.0)
     requests.post(f"{comfy_server.url}/interrupt", timeout=10).raise_for_status()
     result = comfy_server.wait(prompt_id, timeout=60)
     assert any(name == "execution_interrupted" for name, _ in result.messages), result.messages
