@@ -3,6 +3,7 @@ takes RAM and VRAM samples while it runs, and each step gets its exact VRAM peak
 peak statistics (reset when the step starts) and its RAM peak from the samples taken during it."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,8 @@ import torch
 from .memory import GIB, nvml_used
 
 SAMPLE_SECONDS = 0.1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,13 +144,28 @@ class Recorder:
         return sample
 
     def _sample_loop(self):
-        pending, published = [], time.monotonic()
+        """Samples until stopped. A failing reading or publisher is logged once and skipped: the thread
+        keeps going and never takes the run down with it."""
+        pending, published, failed = [], time.monotonic(), set()
+
+        def guarded(what, function, *args):
+            try:
+                return function(*args)
+            except Exception:
+                if what not in failed:
+                    failed.add(what)
+                    log.exception("memory recording: %s failed (logged once per run)", what)
+                return None
+
         while True:
-            pending.append(self.sample())
+            sample = guarded("taking a sample", self.sample)
+            if sample is not None:
+                pending.append(sample)
             if time.monotonic() - published >= self._publish_seconds or self._stop.is_set():
-                self._on_samples(pending)
+                if pending:
+                    guarded("publishing samples", self._on_samples, pending)
                 pending, published = [], time.monotonic()
             if self._stop.wait(SAMPLE_SECONDS):
                 if pending:
-                    self._on_samples(pending)
+                    guarded("publishing samples", self._on_samples, pending)
                 return
