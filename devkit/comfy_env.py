@@ -1,6 +1,7 @@
 """Locates the ComfyUI this checkout runs against and makes it (and the pack) importable in-process."""
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ def comfyui_dir() -> Path:
     if not (path / "main.py").is_file():
         raise RuntimeError(f"No ComfyUI at {path}: run `make setup` (or set COMFYUI_DIR=/path/to/ComfyUI).")
     return path
+
+
+def comfyui_version() -> str:
+    """The version the ComfyUI under test declares (its comfyui_version.py), without importing it."""
+    text = (comfyui_dir() / "comfyui_version.py").read_text()
+    return re.search(r"__version__\s*=\s*[\"']([^\"']+)", text).group(1)
 
 
 def import_comfyui() -> Path:

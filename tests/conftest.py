@@ -7,15 +7,23 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
+from devkit.comfy_env import comfyui_dir, comfyui_version, import_comfyui, import_pack  # noqa: E402
 from devkit.comfy_server import ComfyServer  # noqa: E402
 from devkit.demo_assets import prepare_base_dir  # noqa: E402
 
 import_comfyui()
 
+# The default host's screenshots and charts go to artifacts/, another host's to artifacts/comfyui-VERSION/.
 ARTIFACTS = REPO_ROOT / "artifacts"
+if comfyui_dir() != (REPO_ROOT / ".comfyui").resolve():
+    ARTIFACTS = ARTIFACTS / f"comfyui-{comfyui_version()}"
 # A folder name with a dot and a dash: the pack must not depend on what its folder is called.
 PACK_FOLDER_NAME = "streamline-pack.under_test"
+
+
+def pytest_report_header(config):
+    import torch
+    return f"host: ComfyUI {comfyui_version()} at {comfyui_dir()}; python {sys.executable}; torch {torch.__version__}"
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +44,7 @@ def comfy_server(tmp_path_factory, request):
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
 
 
