@@ -125,8 +125,11 @@ def build_svd_vae(seed: int = 0):
 def build_wan_vae(size: str = "tiny", seed: int = 0):
     import_comfyui()
     dim = WAN_VAE_DIMS[size]
+    # ComfyUI 0.33 also reads the image and output channel counts off the first and last convolutions.
     return _vae_from_detection({"decoder.middle.0.residual.0.gamma": torch.ones(4 * dim, 1, 1, 1),
-                                "decoder.head.0.gamma": torch.ones(dim, 1, 1, 1)}, seed)
+                                "decoder.head.0.gamma": torch.ones(dim, 1, 1, 1),
+                                "encoder.conv1.weight": torch.zeros(dim, 3, 3, 3, 3),
+                                "decoder.head.2.weight": torch.zeros(3, dim, 3, 3, 3)}, seed)
 
 
 WAN22_VAE_CONFIGS = {"tiny": dict(dim=16, dec_dim=16, z_dim=48), "full": dict(dim=160, dec_dim=256, z_dim=48)}
