@@ -108,7 +108,7 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
                 pending_upsample = type(up.upsample).forward.__get__(up.upsample)
         if pending_upsample is not None:
             h.map_frames(lambda xs, s: pending_upsample(xs), settings.frames(len(h.frames)))
-        if decoder.give_pre_end:
+        if getattr(decoder, "give_pre_end", False):  # gone in ComfyUI 0.33 (its Decoder always runs the head)
             return h.stack()
         h.map_frames(lambda xs, s: frame_conv(nonlinearity(decoder.norm_out(xs))), settings.frames(len(h.frames)))
         if not skip_video:
