@@ -1,6 +1,6 @@
 """VAE Slicer on the Wan 2.1 / 2.2 VAE: strips along the longer spatial axis, exact against the
-stock one-latent-frame-at-a-time decode with its causal cache, through the node class, ComfyUI's
-VAE.decode and the plain-torch API."""
+stock decode with its causal caches (ComfyUI 0.3.75: one latent frame at a time; 0.33: in pairs),
+through the node class, ComfyUI's VAE.decode and the plain-torch API."""
 import pytest
 import torch
 
@@ -19,7 +19,7 @@ def latent(channels, frames, height, width, batch=1, seed=0):
 
 @pytest.mark.parametrize("frames, height, width, batch, strips, offload", [
     (3, 6, 10, 1, 0, False), (3, 6, 10, 1, 3, False), (1, 5, 7, 1, 2, False), (4, 9, 5, 2, 4, True),
-    (2, 4, 6, 1, 50, False)])
+    (2, 4, 6, 1, 50, False), (5, 4, 6, 1, 2, False), (6, 4, 5, 1, 0, False)])
 def test_wan_vae_slicer_decodes_the_stock_video(pack, wan_vae, frames, height, width, batch, strips, offload):
     from comfyui_streamline.nodes.slicing import VAESlicer
 
@@ -39,13 +39,15 @@ def test_wan_vae_slicer_cuts_the_decode_into_strips_with_their_own_caches(pack, 
     from comfyui_streamline.nodes.slicing import VAESlicer
 
     head = wan_vae.first_stage_model.decoder.head[-1]
-    widths = []
+    calls = []
     forward = type(head).forward
     monkeypatch.setattr(type(head), "forward", lambda self, x, *a, **k: (
-        widths.append(x.shape[-1]) if self is head else None, forward(self, x, *a, **k))[1])
+        calls.append(x.shape) if self is head else None, forward(self, x, *a, **k))[1])
     with torch.inference_mode():
         node_output(VAESlicer, wan_vae, 0, 4, True, False).decode(latent(16, 2, 4, 16))
-    assert widths and max(widths) < 16 * 8 and len(widths) == 4 * 2
+    assert calls and max(shape[-1] for shape in calls) < 16 * 8
+    assert len(calls) % 4 == 0  # every strip runs the same runs of frames
+    assert sum(shape[2] for shape in calls) == 4 * 5  # each strip decodes all 5 frames once
 
 
 @pytest.mark.parametrize("strips", [0, 2, 5])
@@ -94,10 +96,14 @@ def test_sliced_wan_vae_estimate_lets_comfyui_decode_the_batch_at_once(pack, wan
     sliced = node_output(VAESlicer, wan_vae, 0, 4, True, False)
     stock_estimate = wan_vae.memory_used_decode(z.shape, wan_vae.vae_dtype)
     assert sliced.memory_used_decode(z.shape, wan_vae.vae_dtype) < stock_estimate / 2
-    longer = (2, 16, 30, 4, 6)
+    longer, much_longer = (2, 16, 30, 4, 6), (2, 16, 300, 4, 6)
     offloaded = node_output(VAESlicer, wan_vae, 0, 4, True, True)
     assert sliced.memory_used_decode(longer, wan_vae.vae_dtype) > sliced.memory_used_decode(z.shape, wan_vae.vae_dtype)
-    assert offloaded.memory_used_decode(longer, wan_vae.vae_dtype) == offloaded.memory_used_decode(z.shape, wan_vae.vae_dtype)
+    assert offloaded.memory_used_decode(much_longer, wan_vae.vae_dtype) == offloaded.memory_used_decode(longer, wan_vae.vae_dtype)
+    # offloaded, the estimate is a fixed share of the host's own (since ComfyUI 0.33 lower up to 4 latent frames)
+    shares = [offloaded.memory_used_decode(shape, wan_vae.vae_dtype) / wan_vae.memory_used_decode(shape, wan_vae.vae_dtype)
+              for shape in (z.shape, longer, much_longer)]
+    assert shares == pytest.approx([shares[0]] * 3)
 
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: stock_estimate * 1.5)
     batches = {}

@@ -2,17 +2,26 @@
 
 After its middle attention, every op of the Wan decoder is local in space (3x3 convolutions,
 per-pixel RMS norm, nearest or duplicating 2x upsampling), so a strip of the output depends only
-on a strip of the latent widened by the receptive field. Stock decodes one latent frame at a time
-and keeps, for every causal convolution, the last two frames of its input over the whole frame;
+on a strip of the latent widened by the receptive field. Stock decodes the latent frames in short
+runs and keeps, for every causal convolution, the last frames of its input over the whole frame;
 those caches dominate its peak. Here the decode runs strip-outer, time-inner: each strip keeps
 only its own share of the caches, and after every layer the strip is cut back to the halo the
 remaining layers still need, so the recomputed margin stays small at the expensive high
 resolutions. The part before the first upsampling (conv1, middle with its attention, and the
 latent-resolution residual blocks) runs over whole frames once; its output, one latent-sized
-tensor per frame, is what the strips read.
+tensor per run of frames, is what the strips read.
+
+Time runs as ComfyUI 0.33's own decode runs it: the first latent frame alone, then runs of the
+host's CACHE_T (2) frames, each run cut back into runs of CACHE_T frames wherever a layer has
+multiplied its frames (the temporal upsamplings). The host's layers cache the last CACHE_T frames
+of what they are given: since 0.33 without the frames cached before (zeros stand in for missing
+history), so a decode that feeds one frame at a time loses the frame before last from the third
+latent frame on; 0.3.75's layers carry the older frame over, and give the same video either way.
+Runs of CACHE_T frames hold the whole history a layer reads on both, so one schedule fits both.
 """
 import inspect
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -25,7 +34,7 @@ from .slices import chunk_slices
 # 720p, bench/wan_vae_peaks.py): about 0.04 + 0.95 / n, before the per-frame buffers.
 STRIP_PEAK_SHARE = (0.05, 1.0)
 AUTO_STRIP_PIXELS = 256  # output pixels per strip along the longer spatial axis, in auto mode
-CACHE_FRAMES = 2  # frames of input a causal convolution keeps for the next latent frame (stock CACHE_T)
+CACHE_FRAMES = 2  # frames of input a causal convolution keeps for the next call, where the host names none
 POINTWISE = ("RMS_norm", "SiLU", "Dropout", "Identity")
 
 
@@ -101,16 +110,29 @@ class DecoderPlan:
         self.strip_caches = _count_causal_convs(strip)
         self.patch = math.isqrt(decoder.head[-1].out_channels // 3)  # Wan 2.2 decodes 2x2 patches as channels
         self.scale = 2 ** sum(type(m).__name__ == "Upsample" for m in decoder.upsamples.modules()) * self.patch
+        self.cache_frames = cache_frames(decoder)
+
+
+def cache_frames(decoder: nn.Module) -> int:
+    """Frames of its input each causal layer of the host keeps for the next call (its CACHE_T)."""
+    return int(getattr(sys.modules.get(type(decoder).__module__), "CACHE_T", CACHE_FRAMES))
+
+
+def latent_runs(frames: int, run: int) -> list[slice]:
+    """The latent frames in the runs stock 0.33 decodes them in: the first frame alone, then `run`
+    frames at a time (the last run may be shorter: no later call reads its caches)."""
+    return [slice(0, min(1, frames))] + [slice(t, min(t + run, frames)) for t in range(1, frames, run)]
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, caches: list, index: list, first_chunk: bool) -> torch.Tensor:
     """One decoder layer as stock Decoder3d.forward calls it, with its causal caches in `caches`."""
     name = type(layer).__name__
-    if name == "CausalConv3d":
+    if name == "CausalConv3d":  # as Decoder3d.forward calls its conv1 and its head's convolution
         i = index[0]
-        kept = x[:, :, -CACHE_FRAMES:].clone()
-        if kept.shape[2] < CACHE_FRAMES and caches[i] is not None:
-            kept = torch.cat([caches[i][:, :, -1:].to(kept.device), kept], dim=2)
+        keep = cache_frames(layer)
+        kept = x[:, :, -keep:].clone()
+        if kept.shape[2] < keep and caches[i] is not None:  # (only a first or last run is that short)
+            kept = torch.cat([caches[i][:, :, -(keep - kept.shape[2]):].to(kept.device), kept], dim=2)
         x = layer(x, caches[i])
         caches[i] = kept
         index[0] += 1
@@ -171,67 +193,91 @@ def wan_vae_decode(vae: nn.Module, settings: SliceSettings):
     """A replacement for WanVAE.decode(z) that decodes in strips along the longer spatial axis."""
     plans = {dim: DecoderPlan(vae.decoder, dim) for dim in (3, 4)}
 
+    def run_steps(strip: Strip, steps: list, caches: list, index: list, first_chunk: bool, pieces: list):
+        """The strip through `steps`; where a layer has made it longer than the caches' span, its
+        frames go on in runs of that span, each from the same cache index (stock run_up)."""
+        span = plans[strip.dim].cache_frames
+        for k, step in enumerate(steps):
+            strip.run(step, caches, index, first_chunk)
+            if strip.x.shape[2] > span and k + 1 < len(steps):
+                x, strip.x = strip.x, None
+                for t in range(0, x.shape[2], span):
+                    part = Strip(x[:, :, t:t + span], strip.dim, strip.lo, strip.core, strip.size)
+                    run_steps(part, steps[k + 1:], caches, list(index), first_chunk, pieces)
+                return
+        pieces.append(strip)
+
     def decode(z: torch.Tensor) -> torch.Tensor:
         dim = 4 if z.shape[4] >= z.shape[3] else 3
         plan = plans[dim]
         store = settings.frame_store or z.device
         x = vae.conv2(z)
-        caches, frames = [None] * plan.whole_caches, []
-        for t in range(x.shape[2]):
-            index, y = [0], x[:, :, t:t + 1]
+        runs = latent_runs(x.shape[2], plan.cache_frames)
+        caches, features = [None] * plan.whole_caches, []
+        for r, run in enumerate(runs):
+            index, y = [0], x[:, :, run]
             for layer in plan.whole:
-                y = run_layer(layer, y, caches, index, t == 0)
-            frames.append(y.to(store))
+                y = run_layer(layer, y, caches, index, r == 0)
+            features.append(y.to(store))
         del x, caches, y
-        length = frames[0].shape[dim]
-        output = OutputVideo(len(frames), dim, store)
+        length = features[0].shape[dim]
+        output = OutputVideo(runs, dim, store)
         for core in chunk_slices(length, strip_count(settings, length, plan.scale)):
             lo, hi = max(0, core.start - plan.input_halo), min(length, core.stop + plan.input_halo)
             caches = [None] * plan.strip_caches
-            for t, frame in enumerate(frames):
-                strip = Strip(frame.narrow(dim, lo, hi - lo).to(z.device), dim, lo, core, length)
-                index = [0]
-                for step in plan.steps:
-                    strip.run(step, caches, index, t == 0)
-                output.write(t, unpatchify(strip.x, plan.patch), strip.core.start * plan.patch, strip.size * plan.patch)
+            for r, feature in enumerate(features):
+                pieces = []
+                strip = Strip(feature.narrow(dim, lo, hi - lo).to(z.device), dim, lo, core, length)
+                run_steps(strip, plan.steps, caches, [0], r == 0, pieces)
                 del strip
+                output.write(r, [unpatchify(piece.x, plan.patch) for piece in pieces],
+                             pieces[0].core.start * plan.patch, pieces[0].size * plan.patch)
+                del pieces
         return output.video
 
     return decode
 
 
 class OutputVideo:
-    """The decoded video, written strip by strip. The first latent frame decodes to fewer frames
-    than the others, so the buffer is allocated once the second one's count is known."""
+    """The decoded video, written strip by strip, one run of latent frames at a time (its frames
+    come as consecutive pieces). The first latent frame decodes to fewer frames than the others, so
+    the buffer is allocated once the second run's count is known."""
 
-    def __init__(self, latent_frames: int, dim: int, store: torch.device):
-        self.latent_frames, self.dim, self.store = latent_frames, dim, store
+    def __init__(self, runs: list, dim: int, store: torch.device):
+        self.runs, self.dim, self.store = runs, dim, store
         self.video, self.pending, self.frame_at = None, [], [0]
 
-    def write(self, t: int, x: torch.Tensor, start: int, size: int):
+    def write(self, r: int, pieces: list, start: int, size: int):
         if self.video is None:
-            self.pending.append((t, x, start))
-            if len(self.pending) < min(2, self.latent_frames):
+            self.pending.append((r, pieces, start))
+            if len(self.pending) < min(2, len(self.runs)):
                 return
-            first, last = self.pending[0][1].shape[2], x.shape[2]
-            shape = list(x.shape)
-            shape[2], shape[self.dim] = first + (self.latent_frames - 1) * last, size
-            self.video = x.new_empty(shape, device=self.store)
-            self.frame_at = [0] + [first + i * last for i in range(self.latent_frames - 1)]
-            for t, x, start in self.pending:
-                self._copy(t, x, start)
+            first = sum(piece.shape[2] for piece in self.pending[0][1])
+            last = self.pending[-1][1]  # the second run's pieces (the first's for a one-frame latent)
+            per_frame = 0
+            if len(self.runs) > 1:
+                per_frame = sum(piece.shape[2] for piece in last) // (self.runs[1].stop - self.runs[1].start)
+            shape = list(last[0].shape)
+            shape[2], shape[self.dim] = first + (self.runs[-1].stop - 1) * per_frame, size
+            self.video = last[0].new_empty(shape, device=self.store)
+            self.frame_at = [0] + [first + (run.start - 1) * per_frame for run in self.runs[1:]]
+            for r, pieces, start in self.pending:
+                self._copy(r, pieces, start)
             self.pending.clear()
             return
-        self._copy(t, x, start)
+        self._copy(r, pieces, start)
 
-    def _copy(self, t: int, x: torch.Tensor, start: int):
-        self.video.narrow(2, self.frame_at[t], x.shape[2]).narrow(self.dim, start, x.shape[self.dim]).copy_(x)
+    def _copy(self, r: int, pieces: list, start: int):
+        at = self.frame_at[r]
+        for piece in pieces:
+            self.video.narrow(2, at, piece.shape[2]).narrow(self.dim, start, piece.shape[self.dim]).copy_(piece)
+            at += piece.shape[2]
 
 
 def decode_estimate(vae: nn.Module, settings: SliceSettings, stock_estimate: Callable) -> Callable:
-    """ComfyUI's Wan estimate (per decode, whatever the frame count) scaled to a strip's share, plus
-    what grows with the frames: the whole-frame features the strips read and the output video
-    (both in RAM with offload_frames)."""
+    """ComfyUI's Wan estimate for the shape (0.3.75: the same at any frame count; 0.33: lower up to
+    4 latent frames) scaled to a strip's share, plus what grows with the frames: the whole-frame
+    features the strips read and the output video (both in RAM with offload_frames)."""
     fixed, per_strip = STRIP_PEAK_SHARE
     plan = DecoderPlan(vae.decoder, 4)
     whole_channels = plan.whole[-1].out_dim
