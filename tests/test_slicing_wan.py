@@ -1,5 +1,7 @@
 """Feature Slicer and Operator Grouper on ComfyUI's Wan DiT: token chunks, exact against stock,
 through the node classes and ComfyUI's sampling."""
+import inspect
+
 import pytest
 import torch
 
@@ -69,6 +71,32 @@ def test_sliced_wan_keeps_the_block_input_for_a_block_replace_patch(pack, wan_mo
         assert relative_difference(wan_forward(sliced, 5, 6, 10), stock) <= TOLERANCE
 
 
+def test_sliced_wan_calls_the_attention_hooks_where_the_host_block_does(pack, wan_model):
+    """ComfyUI 0.33's Wan block calls `attn1_patch` (self-attention output before its projection, with
+    the roped queries and keys) and `attn2_patch` (the stream after cross-attention) on whole tensors;
+    0.3.75's calls neither. The sliced block gives the stock result with both hooks set, on either host."""
+    from comfyui_streamline.core.slicing.wan import host_hooks
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    def attn1(args):  # reads every token's query and key, so a chunk-local patch would differ
+        return 0.7 * args["x"] + 0.2 * args["q"].flatten(2) + 0.1 * args["k"].flatten(2).mean(1, keepdim=True)
+
+    def attn2(args):
+        return 0.8 * args["x"] + 0.2 * args["x"].mean(1, keepdim=True)
+
+    patched = wan_model.clone()
+    patched.set_model_attn1_patch(attn1)
+    patched.set_model_attn2_patch(attn2)
+    stock = wan_forward(patched, 5, 6, 10)
+    honoured = host_hooks(wan_model.model.diffusion_model.blocks[0])
+    assert honoured is not None
+    if any(honoured.values()):
+        assert relative_difference(stock, wan_forward(wan_model, 5, 6, 10)) > 1e-3
+    for sliced in (node_output(OperatorGrouper, node_output(FeatureSlicer, patched, 7, 0)),
+                   node_output(FeatureSlicer, patched, 4, 0)):
+        assert relative_difference(wan_forward(sliced, 5, 6, 10), stock) <= TOLERANCE
+
+
 def sample(model, frames=3):
     import comfy.sample
 
@@ -96,7 +124,11 @@ def test_sliced_wan_composes_with_stock_context_windows(pack, wan_model):
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
     def windows(model):  # 9 pixel frames = 3 latent frames per window, 1 latent frame of overlap
-        return WanContextWindowsManualNode.execute(model, 9, 4, "standard_static", 1, False, "pyramid").result[0]
+        options = {}
+        if "freenoise" in inspect.signature(WanContextWindowsManualNode.execute).parameters:
+            options["freenoise"] = False  # ComfyUI 0.33's required input; 0.3.75 has no noise shuffling
+        return WanContextWindowsManualNode.execute(model, 9, 4, "standard_static", 1, False, "pyramid",
+                                                   **options).result[0]
 
     def sliced(model):
         return node_output(OperatorGrouper, node_output(FeatureSlicer, model, 2, 0))

@@ -8,7 +8,18 @@ per chunk inside the attention stage. Grouped, each chunk runs a chain (queries,
 projection, residual), then, with keys and values freed, another (cross-attention, FFN). The
 block's output overwrites its input where nothing else can read the input afterwards, so the block
 holds three full buffers (input, keys, values) at its peak instead of stock's many.
+
+ComfyUI 0.33's block hands two hooks whole tensors (transformer_options["patches"]): `attn1_patch`
+gets the self-attention output before its output projection with the roped queries and keys,
+`attn2_patch` the block's stream after cross-attention. With such a patch the sliced block gathers
+exactly those full tensors (the attention output and the queries, chunk by chunk; the stream between
+the cross-attention and the FFN stages) and calls the patches where the stock block does; without
+one it runs as before. Whether the host's block calls a hook is read off its code: 0.3.75's ignores
+both, and so does the sliced block there; where the code cannot be read, a patched call runs stock.
 """
+import functools
+import inspect
+import logging
 from typing import Callable
 
 import torch
@@ -18,6 +29,24 @@ from ..kv_carry import KV_CARRY
 from .settings import SliceSettings
 from .slices import chunk_slices, run_stage
 from .temporal import host_function
+
+log = logging.getLogger(__name__)
+HOOKS = ("attn1_patch", "attn2_patch")
+
+
+def host_hooks(block: nn.Module) -> dict | None:
+    """{hook: whether the host's stock block calls it}, or None where its code cannot be read."""
+    return _host_hooks(type(block), type(block.self_attn))
+
+
+@functools.lru_cache(maxsize=None)
+def _host_hooks(block_class: type, attention_class: type) -> dict | None:
+    try:
+        source = {"attn1_patch": inspect.getsource(attention_class.forward),
+                  "attn2_patch": inspect.getsource(block_class.forward)}
+    except (OSError, TypeError):
+        return None
+    return {hook: hook in source[hook] for hook in HOOKS}
 
 
 def modulation_chunk(e: torch.Tensor, s: slice, tokens: int) -> torch.Tensor:
@@ -46,8 +75,16 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
     attention = block.self_attn
     optimized_attention = host_function(attention, "optimized_attention")
     apply_rope1 = host_function(attention, "apply_rope1")
+    honoured = host_hooks(block)
 
     def forward(x, e, freqs, context, context_img_len=257, transformer_options={}):
+        patches = transformer_options.get("patches", {})
+        if honoured is None and any(patches.get(hook) for hook in HOOKS):
+            log.warning("Feature Slicer: cannot read which attention hooks %s calls; running it stock",
+                        type(block).__name__)
+            return type(block).forward(block, x, e, freqs, context, context_img_len=context_img_len,
+                                       transformer_options=transformer_options)
+        patches = {hook: patches.get(hook) for hook in HOOKS if honoured and honoured[hook]}
         modulation = block.modulation.to(dtype=x.dtype, device=x.device)
         e = (modulation + e).chunk(6, dim=1) if e.ndim < 4 else (modulation.unsqueeze(0) + e).unbind(2)
         batch, tokens, _ = x.shape
@@ -78,11 +115,13 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
         if carry:
             carry.fill_appended(k[:, tokens:], v[:, tokens:], apply_rope1, heads)
 
-        def self_attention(xs, s):
+        def attend(xs, s):  # roped queries of chunk s and their attention output (before the projection)
             q = attention.norm_q(attention.q(modulated_norm(xs, s))).view(batch, -1, heads, head_dim)
-            q = apply_rope1(q, rope_at(s)).flatten(2)
-            y = attention.o(optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options))
-            return torch.addcmul(xs, y, at(2, s))
+            q = apply_rope1(q, rope_at(s))
+            return q, optimized_attention(q.flatten(2), k, v, heads=heads, transformer_options=transformer_options)
+
+        def self_attention(xs, s):
+            return torch.addcmul(xs, attention.o(attend(xs, s)[1]), at(2, s))
 
         def cross_attention(xs, s):
             return xs + block.cross_attn(block.norm3(xs), context, context_img_len=context_img_len,
@@ -96,7 +135,40 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
         # values are already projected) before that chunk of the output is written.
         out_dtype = torch.promote_types(x.dtype, e[2].dtype)
         out = x if may_overwrite_input(x, out_dtype, transformer_options) else None
-        x = run_stage([self_attention], x, 1, chunks, settings.group_ops, out=out)
+        if patches.get("attn1_patch"):
+            attended = patched_self_attention(x, attend, chunk_slices(tokens, chunks), k, heads, head_dim,
+                                              patches["attn1_patch"], transformer_options)
+            x = run_stage([lambda xs, s: torch.addcmul(xs, attention.o(attended[:, s]), at(2, s))],
+                          x, 1, chunks, settings.group_ops, out=out)
+            del attended
+        else:
+            x = run_stage([self_attention], x, 1, chunks, settings.group_ops, out=out)
         k = v = None  # the keys and values are freed before the FFN stage
+        if patches.get("attn2_patch"):  # the whole stream between cross-attention and FFN, as stock
+            x = run_stage([cross_attention], x, 1, chunks, settings.group_ops, out=x)
+            for patch in patches["attn2_patch"]:
+                x = patch({"x": x, "transformer_options": transformer_options})
+            # a new output, as stock's: a patch may keep the tensor it returned
+            return run_stage([feed_forward], x, 1, chunks, settings.group_ops)
         return run_stage([cross_attention, feed_forward], x, 1, chunks, settings.group_ops, out=x)
     return forward
+
+
+def patched_self_attention(x: torch.Tensor, attend: Callable, slices: list, k: torch.Tensor, heads: int,
+                           head_dim: int, patches: list, transformer_options: dict) -> torch.Tensor:
+    """The self-attention output of all tokens (before the output projection) after the block's
+    `attn1_patch` hooks, which get it whole with the roped queries and keys, as in stock
+    WanSelfAttention.forward. Queries and outputs are gathered chunk by chunk."""
+    batch, tokens = x.shape[:2]
+    queries = attended = None
+    for s in slices:
+        q, y = attend(x[:, s], s)
+        if attended is None:
+            queries = q.new_empty((batch, tokens, heads, head_dim))
+            attended = y.new_empty((batch, tokens, y.shape[2]))
+        queries[:, s], attended[:, s] = q, y
+        del q, y
+    keys = k.view(batch, -1, heads, head_dim)
+    for patch in patches:
+        attended = patch({"x": attended, "q": queries, "k": keys, "transformer_options": transformer_options})
+    return attended
