@@ -114,7 +114,9 @@ def test_malformed_prompt_is_a_validation_error_and_the_server_keeps_serving(com
     assert comfy_server.get("/system_stats")["system"]["comfyui_version"]
     with pytest.raises(PromptRejected) as unknown:
         comfy_server.queue({"1": {"class_type": "NoSuchNode", "inputs": {}}})
-    assert unknown.value.body["error"]["type"] == "invalid_prompt"
+    error = unknown.value.body["error"]
+    assert error["type"] in ("invalid_prompt", "missing_node_type")  # ComfyUI 0.3.75 / 0.33
+    assert "NoSuchNode" in error["message"] + json.dumps(error["extra_info"])
     follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
     assert follow_up.status == "success"
 
