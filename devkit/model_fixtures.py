@@ -70,7 +70,9 @@ def _build(config_class, unet_config, dtype, device, seed):
     model_config.set_inference_dtype(dtype, None)
     if device == "meta":
         with torch.device("meta"):
-            return model_config.get_model({})
+            # .to("meta"): a few parameters are made by legacy constructors (torch.Tensor([alpha]) in
+            # AlphaBlender) that ignore the default device; torch 2.9 cannot make those fake later
+            return model_config.get_model({}).to("meta")
     return randomize_(model_config.get_model({}), seed).to(device)
 
 

@@ -143,11 +143,11 @@ def test_vae_slicer_decodes_the_stock_frames_with_full_temporal_context(pack, sv
     latent = torch.randn(frames, 4, height, width, generator=torch.Generator().manual_seed(frames))
     with torch.inference_mode():
         stock = svd_vae.first_stage_model.decode(latent)  # every frame at once: full temporal context
+        expected = svd_vae.process_output(stock).movedim(1, -1)  # (in place since ComfyUI 0.33: once)
         for settings in [(3, 5, True, False), (0, 0, False, False), (0, 0, True, True)]:
             sliced_vae = node_output(VAESlicer, svd_vae, *settings)
             decoded = sliced_vae.decode(latent)
             assert decoded.shape == (frames, height * 8, width * 8, 3)
-            expected = svd_vae.process_output(stock).movedim(1, -1)
             assert relative_difference(decoded, expected) <= TOLERANCE
     assert svd_vae.patcher.object_patches == {}
 
