@@ -104,7 +104,7 @@ def cpu_time_rows(scale: int = 4) -> list:
 def main():
     import_comfyui()
     import_pack()
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     machine = cpu_machine()
     full, timed = full_size_rows(LiveStorageTracker), cpu_time_rows()

@@ -153,7 +153,7 @@ def full_size_rows():
 
     meta_model = model_fixtures.build_wan("1.3B", BF16, "meta").diffusion_model
     window = latent_frames(WINDOW_FRAMES)
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     window_peak, weights = wan("1.3B", WINDOW_FRAMES, 2, LiveStorageTracker)
     window_flops = stock_flops(meta_model, window)
@@ -195,7 +195,7 @@ def cpu_rows():
     import nodes
     from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
     from comfyui_streamline.nodes.dualparal import sample
     import comfy.model_management
     import comfy.model_patcher

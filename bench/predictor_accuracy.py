@@ -24,7 +24,7 @@ BF16, FP32 = torch.bfloat16, torch.float32  # real runs in fp32: CPU bf16 matmul
 
 
 def real_workloads():
-    from comfyui_streamline.core.memory_predictor import Workload, model_forward
+    from comfyui_streamline.core.memory.predictor import Workload, model_forward
     from comfyui_streamline.core.slicing import SliceSettings
 
     wan = model_fixtures.build_wan("1.3B", FP32).diffusion_model
@@ -41,8 +41,8 @@ def real_workloads():
 
 
 def accuracy_rows():
-    from comfyui_streamline.core.memory_predictor import predict_peak
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.predictor import predict_peak
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
     from comfyui_streamline.core.slicing import slicing_applied
     from comfyui_streamline.nodes.planner import describe
 
@@ -64,7 +64,7 @@ def accuracy_rows():
 
 def speed_rows():
     """Seconds per prediction of full-size models (81 frames at 480x832, CFG)."""
-    from comfyui_streamline.core.memory_predictor import Workload, model_forward, predict_peak
+    from comfyui_streamline.core.memory.predictor import Workload, model_forward, predict_peak
     from comfyui_streamline.core.slicing import SliceSettings
     from comfyui_streamline.nodes.planner import describe
 

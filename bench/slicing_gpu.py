@@ -47,7 +47,7 @@ def measured(run, device, repeats):
 
 def compare(module, forward, settings_table, device, repeats, part):
     """Stock vs each slicing of `forward(module)`, with the Memory Planner's prediction of the peak."""
-    from comfyui_streamline.core.memory_predictor import predict_peak
+    from comfyui_streamline.core.memory.predictor import predict_peak
     from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing
 
     rows, reference = [], None

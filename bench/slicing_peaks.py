@@ -148,7 +148,7 @@ def quality_and_latency_rows():
 def main():
     import_comfyui()
     import_pack()
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     memory = memory_rows(LiveStorageTracker)
     memory += diffusers_rows(LiveStorageTracker)

@@ -69,7 +69,7 @@ WORKLOADS = {
 
 def main():
     import_pack()
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     rows = []
     for name, run in WORKLOADS.items():

@@ -88,7 +88,7 @@ def latency_rows():
 def main():
     import_comfyui()
     import_pack()
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     rows = []
     for size, frames, batch in WORKLOADS:

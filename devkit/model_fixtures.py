@@ -102,8 +102,8 @@ def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed
 
 
 def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
-    """The pack's core.memory_predictor.materialize_fake (fake weights for a meta module)."""
-    return sys.modules[import_pack().__name__ + ".core.memory_predictor"].materialize_fake(module, device)
+    """The pack's core.memory.predictor.materialize_fake (fake weights for a meta module)."""
+    return sys.modules[import_pack().__name__ + ".core.memory.predictor"].materialize_fake(module, device)
 
 
 def _vae_from_detection(marker_sd: dict, seed: int):

@@ -1,6 +1,6 @@
 """Memory Monitor: a pass-through node whose presence in a prompt makes the whole prompt recorded.
 
-Two wrappers, installed once when the pack loads, connect core.memory_recording to ComfyUI's
+Two wrappers, installed once when the pack loads, connect core.memory.recording to ComfyUI's
 executor: around PromptExecutor.execute_async (a Recorder runs for every prompt that holds a
 Memory Monitor; at its end, also a failed or interrupted one, the JSON report and PNG chart are
 written and sent to the frontend) and around execution.reset_progress_state (each such prompt's
@@ -25,9 +25,9 @@ import folder_paths
 import nodes
 from comfy_api.v0_0_2 import io, ui
 
-from ..core.memory import format_summary, read_memory
-from ..core.memory_chart import draw_chart
-from ..core.memory_recording import Recorder
+from ..core.memory.readings import format_summary, read_memory
+from ..core.memory.chart import draw_chart
+from ..core.memory.recording import Recorder
 
 try:
     from comfy_execution.progress import ProgressHandler

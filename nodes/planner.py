@@ -7,8 +7,8 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_api.v0_0_2 import io
 
-from ..core.memory import GIB
-from ..core.memory_predictor import Workload, WorkloadError, model_forward, predict_peak, slicing_ladder
+from ..core.memory.readings import GIB
+from ..core.memory.predictor import Workload, WorkloadError, model_forward, predict_peak, slicing_ladder
 from ..core.slicing import UnsupportedModelError, slicing_applied
 from .slicing import sliced_model
 

@@ -11,7 +11,7 @@ LONG_TITLE = "A Very Long Custom Node Title That Somebody Typed Into The Title F
 
 def recording_of(n_steps: int, durations: str, vram: bool, long_labels: bool):
     """A recording as the Recorder makes it: steps back to back, samples every 0.1 s (at most 2000)."""
-    from comfyui_streamline.core.memory_recording import Recording, Sample, StepRecord
+    from comfyui_streamline.core.memory.recording import Recording, Sample, StepRecord
 
     rng = random.Random(n_steps * 7 + len(durations))
     recording = Recording(f"{n_steps}-{durations}")
@@ -38,7 +38,7 @@ CASES = list(itertools.product([1, 5, 30, 200], ["short", "long", "mixed"], [Fal
 
 @pytest.mark.parametrize("n_steps, durations, vram", CASES)
 def test_chart_labels_never_overlap_and_stay_inside_the_image(pack, n_steps, durations, vram):
-    from comfyui_streamline.core.memory_chart import HEIGHT, WIDTH, boxes_intersect, layout_chart
+    from comfyui_streamline.core.memory.chart import HEIGHT, WIDTH, boxes_intersect, layout_chart
 
     recording = recording_of(n_steps, durations, vram, long_labels=True)
     layout = layout_chart(recording)
@@ -69,7 +69,7 @@ def test_chart_labels_never_overlap_and_stay_inside_the_image(pack, n_steps, dur
 
 
 def test_chart_layout_at_many_steps_labels_several_and_abbreviates_before_skipping(pack):
-    from comfyui_streamline.core.memory_chart import layout_chart
+    from comfyui_streamline.core.memory.chart import layout_chart
 
     layout = layout_chart(recording_of(200, "mixed", True, long_labels=True))
     steps = [label for label in layout.labels if label.kind == "step"]
@@ -78,7 +78,7 @@ def test_chart_layout_at_many_steps_labels_several_and_abbreviates_before_skippi
 
 
 def test_chart_is_drawn_from_the_layout(pack, artifacts_dir):
-    from comfyui_streamline.core.memory_chart import HEIGHT, WIDTH, draw_chart
+    from comfyui_streamline.core.memory.chart import HEIGHT, WIDTH, draw_chart
 
     for n_steps in (5, 200):
         image = draw_chart(recording_of(n_steps, "mixed", True, long_labels=True))

@@ -6,7 +6,7 @@ import torch
 
 
 def test_recorder_gives_each_step_its_ram_peak_and_samples_the_run(pack):
-    from comfyui_streamline.core.memory_recording import Recorder
+    from comfyui_streamline.core.memory.recording import Recorder
 
     published = []
     with Recorder("run", published.extend, publish_seconds=0.05) as recorder:
@@ -35,8 +35,8 @@ def test_recorder_gives_each_step_its_ram_peak_and_samples_the_run(pack):
 
 
 def test_chart_draws_the_recording(pack, artifacts_dir):
-    from comfyui_streamline.core.memory_chart import HEIGHT, WIDTH, draw_chart
-    from comfyui_streamline.core.memory_recording import Recorder
+    from comfyui_streamline.core.memory.chart import HEIGHT, WIDTH, draw_chart
+    from comfyui_streamline.core.memory.recording import Recorder
 
     with Recorder("chart") as recorder:
         for i in range(3):
@@ -80,7 +80,7 @@ def test_accepts_plain_names_and_a_linked_prefix_it_cannot_see_yet(pack, prefix)
 
 
 def test_says_vram_is_unavailable_without_a_gpu(pack):
-    from comfyui_streamline.core.memory import format_summary, read_memory
+    from comfyui_streamline.core.memory.readings import format_summary, read_memory
 
     snapshot = read_memory()
     if torch.cuda.is_available():
@@ -125,7 +125,7 @@ def test_nvml_readings_and_a_failing_nvml(pack, monkeypatch, fail):
     not a crash of the sampler."""
     import sys
 
-    from comfyui_streamline.core import memory
+    from comfyui_streamline.core.memory import readings as memory
 
     stub = _StubNVML(fail)
     monkeypatch.setitem(sys.modules, "pynvml", stub)
@@ -257,7 +257,7 @@ def test_the_wrapper_contains_its_own_failures_and_passes_the_executors_on(pack,
 def test_the_step_handler_keeps_its_failures_to_itself(pack, caplog):
     import logging
 
-    from comfyui_streamline.core.memory_recording import Recorder
+    from comfyui_streamline.core.memory.recording import Recorder
     from comfyui_streamline.nodes.memory_monitor import StepHandler
 
     handler = StepHandler(Recorder("steps"))

@@ -21,7 +21,7 @@ def latent(frames=3):
 
 
 def predictions(model, lat):
-    from comfyui_streamline.core.memory_predictor import Workload, model_forward, predict_peak, slicing_ladder
+    from comfyui_streamline.core.memory.predictor import Workload, model_forward, predict_peak, slicing_ladder
 
     diffusion_model = model.get_model_object("diffusion_model")
     work = Workload(tuple(lat["samples"].shape), 2, torch.float32)
@@ -32,8 +32,8 @@ def predictions(model, lat):
 @pytest.mark.parametrize("family", ["wan", "svd"])
 def test_prediction_equals_the_measured_peak_of_the_real_forward(pack, family):
     """The fake-tensor dry run predicts what the same forward allocates with real tensors."""
-    from comfyui_streamline.core.memory_predictor import Workload, model_forward, predict_peak, slicing_ladder
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.predictor import Workload, model_forward, predict_peak, slicing_ladder
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
     from comfyui_streamline.core.slicing import apply_slicing, remove_slicing
 
     if family == "wan":  # four blocks: the prediction runs two of them, the measurement all four

@@ -13,7 +13,7 @@ def _chain(x):
 
 
 def test_peak_counts_intermediates_alive_at_once(pack):
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     x = torch.ones(1024, 1024)
     with LiveStorageTracker() as tracker:
@@ -23,7 +23,7 @@ def test_peak_counts_intermediates_alive_at_once(pack):
 
 
 def test_views_share_their_storage_and_release_with_the_last_one(pack):
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     with LiveStorageTracker() as tracker:
         base = torch.zeros(256, 1024)  # 1 MiB
@@ -36,7 +36,7 @@ def test_views_share_their_storage_and_release_with_the_last_one(pack):
 
 def test_views_of_storage_that_existed_before_cost_nothing(pack):
     """A linear layer's weight transpose or a parameter returned by .to() allocates nothing."""
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     weight = torch.nn.Parameter(torch.ones(1024, 1024))  # 4 MiB
     x = torch.ones(8, 1024)
@@ -48,7 +48,7 @@ def test_views_of_storage_that_existed_before_cost_nothing(pack):
 
 
 def test_counts_full_size_shapes_under_fake_tensors(pack):
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     with FakeTensorMode():
         video = torch.empty(2, 320, 14, 72, 128, dtype=torch.float16)
@@ -65,7 +65,7 @@ def test_reproduces_the_independent_stock_svd_unet_measurement(pack):
     import sys
     sys.path.insert(0, str(__import__("conftest").REPO_ROOT / "bench"))
     from stock_peaks import svd_unet
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
 
     peak, weights = svd_unet(14, LiveStorageTracker)
     assert round(peak / 1024 ** 3, 2) == 4.19

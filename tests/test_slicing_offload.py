@@ -21,7 +21,7 @@ def fake_cuda_indexing_works() -> bool:
 
 
 def gpu_decode_peak(build_meta_model, decode, frames, settings):
-    from comfyui_streamline.core.memory_tracker import LiveStorageTracker
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
     from comfyui_streamline.core.slicing import apply_slicing
 
     meta_model = build_meta_model()

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..memory_tracker import LiveStorageTracker
+from ..memory.tracker import LiveStorageTracker
 
 
 @contextmanager

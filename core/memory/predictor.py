@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .memory_tracker import LiveStorageTracker
-from .slicing import SliceSettings, UnsupportedModelError, apply_slicing
-from .slicing.settings import AUTO_STRIP_WIDTH, AUTO_TOKEN_ELEMENTS
-from .slicing.temporal import derives_from
+from .tracker import LiveStorageTracker
+from ..slicing import SliceSettings, UnsupportedModelError, apply_slicing
+from ..slicing.settings import AUTO_STRIP_WIDTH, AUTO_TOKEN_ELEMENTS
+from ..slicing.temporal import derives_from
 
 
 # Models whose block stack passes one tensor of fixed size from block to block, with nothing kept

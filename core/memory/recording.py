@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import psutil
 import torch
 
-from .memory import GIB, nvml_used
+from .readings import GIB, nvml_used
 
 SAMPLE_SECONDS = 0.1
 

@@ -15,8 +15,8 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .memory import GIB
-from .memory_recording import Recording
+from .readings import GIB
+from .recording import Recording
 
 WIDTH, HEIGHT = 960, 420
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 48, 92
