@@ -15,7 +15,7 @@ from torch import nn
 
 from ..kv_carry import KV_CARRY, KVCarry
 from ..slicing import slicing_applied
-from ..slicing.temporal import host_function
+from ..host import host_function
 from .memory import peak_memory
 from .schedule import DualParalError, Job
 from .wire import MalformedMessage, dtype_from_name, dtype_name

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .tracker import LiveStorageTracker
 from ..slicing import SliceSettings, UnsupportedModelError, apply_slicing
 from ..slicing.settings import AUTO_STRIP_WIDTH, AUTO_TOKEN_ELEMENTS
-from ..slicing.temporal import derives_from
+from ..host import derives_from
 
 
 # Models whose block stack passes one tensor of fixed size from block to block, with nothing kept

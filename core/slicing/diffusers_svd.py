@@ -10,7 +10,8 @@ from torch import nn
 from .frame_list import FrameList, run_video_block
 from .settings import SliceSettings
 from .slices import chunk_slices, map_slices, run_stage, slice_batch_aligned, take
-from .temporal import TemporalResBlockStrips, host_function
+from ..host import host_function
+from .temporal import TemporalResBlockStrips
 
 
 def spatio_temporal_resblock_forward(block: nn.Module, settings: SliceSettings) -> Callable:

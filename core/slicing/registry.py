@@ -13,7 +13,7 @@ from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
 from . import svd_vae, wan_vae
 from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
-from .temporal import derives_from
+from ..host import derives_from
 from .wan import wan_block_forward
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .slices import chunk_slices, map_slices, run_stage, slice_batch_aligned, take
-from .temporal import TemporalResBlockStrips, blend, derives_from, host_function, parent_forward
+from ..host import derives_from, host_function, parent_forward
+from .temporal import TemporalResBlockStrips, blend
 
 
 def unet_patches(unet: nn.Module, settings: SliceSettings) -> dict:

@@ -14,7 +14,8 @@ from torch import nn
 from .settings import SliceSettings
 from .frame_list import FrameList, run_video_block
 from .slices import chunk_slices, map_slices, slice_batch_aligned, take
-from .temporal import TemporalResBlockStrips, derives_from, host_function, parent_forward
+from ..host import derives_from, host_function, parent_forward
+from .temporal import TemporalResBlockStrips
 
 FRAME_LOCAL_MODULES = ("Upsample", "AttnBlock")  # ComfyUI classes that treat every frame on its own
 # The sliced decode of n frames needs (fixed + per_frame * n) times stock's per-frame estimate,

@@ -1,35 +1,11 @@
-"""Pieces shared by the video blocks: the time-only ResBlock run in exact spatial strips, the
-alpha blend of spatial and temporal paths, and the parent-class forward of a video block."""
-import sys
+"""Pieces shared by the video blocks: the time-only ResBlock run in exact spatial strips and the
+alpha blend of spatial and temporal paths."""
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .group_norm import ExactGroupNorm
-
-
-def derives_from(module: nn.Module, class_name: str) -> bool:
-    return any(cls.__name__ == class_name for cls in type(module).__mro__)
-
-
-def parent_forward(module: nn.Module, class_name: str) -> Callable:
-    """The forward of the class that `class_name` extends, bound to `module` (the spatial half of
-    a video block that subclasses an image block)."""
-    for cls in type(module).__mro__:
-        if cls.__name__ == class_name:
-            return super(cls, module).forward
-    raise TypeError(f"{type(module).__name__} does not derive from {class_name}")
-
-
-def host_function(module: nn.Module, name: str) -> Callable:
-    """A helper function of the host library, taken from the module that defines `module`'s class
-    (or a base class), so the sliced forward computes exactly what the stock one does."""
-    for cls in type(module).__mro__:
-        function = getattr(sys.modules[cls.__module__], name, None)
-        if function is not None:
-            return function
-    raise TypeError(f"no {name} next to {type(module).__name__}")
 
 
 def blend(alpha: torch.Tensor, x_spatial: torch.Tensor, x_temporal: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from ..kv_carry import KV_CARRY
 from .settings import SliceSettings
 from .slices import chunk_slices, run_stage
-from .temporal import host_function
+from ..host import host_function
 
 log = logging.getLogger(__name__)
 HOOKS = ("attn1_patch", "attn2_patch")
