@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..kv_carry import KV_CARRY, KVCarry
+from ..patching import patches_applied
 from ..slicing import slicing_applied
+from ..slicing.wan import project_keys_values
 from ..host import host_function
 from .memory import peak_memory
 from .schedule import DualParalError, Job
@@ -138,32 +140,15 @@ def carrying_self_attention(attention: nn.Module):
         batch, tokens = x.shape[:2]
         heads, head_dim = attention.num_heads, attention.head_dim
         q = apply_rope1(attention.norm_q(attention.q(x)).view(batch, tokens, heads, head_dim), freqs).flatten(2)
-        k_raw, v_own = attention.norm_k(attention.k(x)), attention.v(x)
-        carry.keep_part(slice(0, tokens), k_raw, v_own)
-        k = x.new_empty((batch, tokens + carry.appended_tokens, heads * head_dim))
-        v = torch.empty_like(k)
-        k[:, :tokens] = apply_rope1(k_raw.view(batch, tokens, heads, head_dim), freqs).flatten(2)
-        v[:, :tokens] = v_own
-        del k_raw, v_own
-        carry.fill_appended(k[:, tokens:], v[:, tokens:], apply_rope1, heads)
+        k, v = project_keys_values(attention, lambda s: x[:, s], [slice(0, tokens)], lambda s: freqs, carry, x)
         return attention.o(optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options))
     return forward
 
 
-@contextmanager
 def feature_cache_installed(blocks: nn.ModuleList):
     """The blocks' self-attention carries the feature cache inside the with-block only."""
-    saved = [(block.self_attn, block.self_attn.__dict__.get("forward")) for block in blocks]
-    for attention, _ in saved:
-        attention.forward = carrying_self_attention(attention)
-    try:
-        yield
-    finally:
-        for attention, previous in saved:
-            if previous is None:
-                attention.__dict__.pop("forward", None)
-            else:
-                attention.forward = previous
+    return patches_applied(blocks, {f"{index}.self_attn.forward": carrying_self_attention(block.self_attn)
+                                    for index, block in enumerate(blocks)})
 
 
 @contextmanager

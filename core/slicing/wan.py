@@ -102,18 +102,8 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
 
         # (the stock block makes x contiguous first: an extra full copy, as the first block's input is
         # a transposed view; chunks of the view serve as well)
-        carry = transformer_options.get(KV_CARRY)  # DualParal: keys/values of a neighbouring block
-        appended = carry.appended_tokens if carry else 0
-        k, v = (x.new_empty((batch, tokens + appended, x.shape[2])) for _ in range(2))  # contiguous
-        for s in chunk_slices(tokens, chunks):
-            h = modulated_norm(x[:, s], s)
-            k_raw, v[:, s] = attention.norm_k(attention.k(h)), attention.v(h)
-            if carry:
-                carry.keep_part(s, k_raw, v[:, s])
-            k[:, s] = apply_rope1(k_raw.view(batch, -1, heads, head_dim), rope_at(s)).flatten(2)
-            del h, k_raw
-        if carry:
-            carry.fill_appended(k[:, tokens:], v[:, tokens:], apply_rope1, heads)
+        k, v = project_keys_values(attention, lambda s: modulated_norm(x[:, s], s), chunk_slices(tokens, chunks),
+                                   rope_at, transformer_options.get(KV_CARRY), x)
 
         def attend(xs, s):  # roped queries of chunk s and their attention output (before the projection)
             q = attention.norm_q(attention.q(modulated_norm(xs, s))).view(batch, -1, heads, head_dim)
@@ -152,6 +142,29 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
             return run_stage([feed_forward], x, 1, chunks, settings.group_ops)
         return run_stage([cross_attention, feed_forward], x, 1, chunks, settings.group_ops, out=x)
     return forward
+
+
+def project_keys_values(attention: nn.Module, inputs: Callable, slices: list, rope_at: Callable, carry,
+                        like: torch.Tensor) -> tuple:
+    """Roped keys and values of every token, projected chunk by chunk (`inputs(s)`: the attention's
+    input for tokens `s`) into two full contiguous buffers. With a DualParal feature cache (`carry`,
+    core/kv_carry.py) the kept tokens' raw keys and values are kept, and the held ones of the
+    neighbouring block are appended after the own tokens."""
+    apply_rope1 = host_function(attention, "apply_rope1")
+    heads, head_dim = attention.num_heads, attention.head_dim
+    batch, tokens = like.shape[0], slices[-1].stop
+    appended = carry.appended_tokens if carry else 0
+    k, v = (like.new_empty((batch, tokens + appended, heads * head_dim)) for _ in range(2))
+    for s in slices:
+        h = inputs(s)
+        k_raw, v[:, s] = attention.norm_k(attention.k(h)), attention.v(h)
+        if carry:
+            carry.keep_part(s, k_raw, v[:, s])
+        k[:, s] = apply_rope1(k_raw.view(batch, -1, heads, head_dim), rope_at(s)).flatten(2)
+        del h, k_raw
+    if carry:
+        carry.fill_appended(k[:, tokens:], v[:, tokens:], apply_rope1, heads)
+    return k, v
 
 
 def patched_self_attention(x: torch.Tensor, attend: Callable, slices: list, k: torch.Tensor, heads: int,
