@@ -16,18 +16,18 @@ from torch import nn
 from ..kv_carry import KV_CARRY, KVCarry
 from ..patching import patches_applied
 from ..slicing import slicing_applied
+from ..slicing.registry import FAMILIES, family_of
 from ..slicing.wan import project_keys_values
 from ..host import host_function
 from .memory import peak_memory
 from .schedule import DualParalError, Job
 from .wire import MalformedMessage, dtype_from_name, dtype_name
 
-WAN_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
-             "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim")
-
 
 def check_supported(model: nn.Module, latent_shape: tuple) -> None:
-    if type(model).__name__ != "WanModel" or not all(hasattr(model, part) for part in WAN_PARTS):
+    family = family_of(model)  # the family's own root class: subclasses (VACE, camera) run other forwards
+    if (family is None or not family.pipeline_parts or type(model).__name__ != family.root
+            or not all(hasattr(model, part) for part in family.pipeline_parts)):
         raise DualParalError(f"DualParal runs ComfyUI's Wan 2.1 / 2.2 text-to-video DiT; this MODEL holds "
                              f"{type(model).__name__}. Load a Wan text-to-video model (e.g. wan2.1_t2v_1.3B).")
     if getattr(model, "img_emb", None) is not None or model.patch_embedding.in_channels != model.out_dim:
@@ -67,9 +67,8 @@ def rank_model(model: nn.Module, layers: range, first: bool, last: bool) -> nn.M
     return part
 
 
-# What a cluster rank may be asked to build: the host's Wan DiT class, with the host's own layer
-# classes (weights in the compute dtype, or cast to it on every call).
-RANK_MODEL_CLASSES = {"comfy.ldm.wan.model.WanModel"}
+# The host's own layer classes a cluster rank builds with (weights in the compute dtype, or cast to
+# it on every call); the model classes come from the family table.
 RANK_MODEL_OPERATIONS = ("disable_weight_init", "manual_cast")
 NOT_CONSTRUCTOR_ARGUMENTS = ("dtype", "device", "operations")
 
@@ -98,7 +97,7 @@ def rebuild_rank_model(description: dict, state_dict: dict) -> nn.Module:
     if not isinstance(description, dict):
         raise MalformedMessage("a model description that is not an object")
     class_path = description.get("class")
-    if class_path not in RANK_MODEL_CLASSES or description.get("operations") not in RANK_MODEL_OPERATIONS:
+    if class_path not in {c for family in FAMILIES for c in family.pipeline_classes} or description.get("operations") not in RANK_MODEL_OPERATIONS:
         raise MalformedMessage(f"a request to build {class_path!r} with {description.get('operations')!r} layers, "
                                f"which a DualParal rank does not build")
     module_name, class_name = class_path.rsplit(".", 1)

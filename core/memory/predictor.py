@@ -6,8 +6,6 @@ are predicted on any CPU in seconds; the twin shares nothing with the model, whi
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -15,14 +13,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .tracker import LiveStorageTracker
-from ..slicing import SliceSettings, UnsupportedModelError, apply_slicing
-from ..slicing.settings import AUTO_STRIP_WIDTH, AUTO_TOKEN_ELEMENTS
-from ..host import derives_from
-
-
-# Models whose block stack passes one tensor of fixed size from block to block, with nothing kept
-# across blocks: the stack peaks alike inside any block, so the prediction runs two of them.
-REPEATED_STACKS = {"WanModel": "blocks"}
+from ..slicing import SliceSettings, apply_slicing
+from ..slicing.registry import diffusion_family, family_of
+from ..slicing.workloads import Workload, WorkloadError  # noqa: F401  (the planner's inputs)
 
 
 def meta_twin(module: nn.Module) -> nn.Module:
@@ -45,9 +38,9 @@ def predict_peak(module: nn.Module, forward: Callable[[nn.Module, str], object],
     """Activation peak in bytes of `forward(model, device)` on a fake twin of `module` on `device`
     (only that device's storage is counted), sliced with `settings` when given."""
     twin = meta_twin(module)
-    stack = REPEATED_STACKS.get(type(twin).__name__)
-    if stack is not None:
-        setattr(twin, stack, getattr(twin, stack)[:2])
+    family = family_of(twin)
+    if family is not None and family.repeated_stack:
+        setattr(twin, family.repeated_stack, getattr(twin, family.repeated_stack)[:2])
     with FakeTensorMode(allow_non_fake_inputs=True):
         materialize_fake(twin, device)
         if settings is not None:
@@ -57,81 +50,14 @@ def predict_peak(module: nn.Module, forward: Callable[[nn.Module, str], object],
     return tracker.peak
 
 
-@dataclass(frozen=True)
-class Workload:
-    """What a diffusion model is asked to denoise: the latent's shape (ComfyUI's LATENT layout,
-    batch x channels x [frames x] height x width) and the conditioned batches (2 with CFG)."""
-    latent_shape: tuple
-    cond_batches: int = 2
-    dtype: torch.dtype = torch.float16
-
-
-class WorkloadError(ValueError):
-    """A latent the model cannot take."""
-
-
-def _check_latent(work: Workload, dims: int, layout: str, channels: int) -> None:
-    shape = tuple(work.latent_shape)
-    if len(shape) != dims or shape[1] != channels:
-        raise WorkloadError(f"the latent has shape {list(shape)}; this model takes {layout} with {channels} channels")
-
-
-def _wan_forward(model: nn.Module, work: Workload) -> Callable:
-    _check_latent(work, 5, "a video latent of batch x channels x frames x height x width (from a Wan or "
-                           "EmptyHunyuanLatentVideo latent node)", model.out_dim)
-    batch, _, frames, height, width = work.latent_shape
-    batch *= work.cond_batches
-    channels, text_width = model.patch_embedding.in_channels, model.text_embedding[0].in_features
-
-    def forward(twin, device):
-        twin(torch.empty(batch, channels, frames, height, width, dtype=work.dtype, device=device),
-             torch.empty(batch, device=device), torch.empty(batch, 512, text_width, dtype=work.dtype, device=device))
-    return forward
-
-
-def _svd_forward(model: nn.Module, work: Workload) -> Callable:
-    _check_latent(work, 4, "ComfyUI's SVD latent of frames x channels x height x width (from "
-                           "SVD_img2vid_Conditioning)", model.out_channels)
-    frames, _, height, width = work.latent_shape  # ComfyUI's SVD latent: one row per frame
-    batch = frames * work.cond_batches
-    context_width = next(m.attn2.to_k.in_features for m in model.modules() if hasattr(m, "attn2"))
-    vector_width = model.label_emb[0][0].in_features
-
-    def forward(twin, device):
-        empty = lambda *shape: torch.empty(*shape, dtype=work.dtype, device=device)  # noqa: E731
-        twin(empty(batch, model.in_channels, height, width), torch.empty(batch, device=device),
-             context=empty(batch, 1, context_width), y=empty(batch, vector_width),
-             num_video_frames=frames, image_only_indicator=torch.zeros(work.cond_batches, frames, device=device))
-    return forward
-
-
 def model_forward(model: nn.Module, work: Workload) -> Callable:
     """The forward of one sampling step of `model` on `work`, for predict_peak."""
-    if derives_from(model, "WanModel"):
-        return _wan_forward(model, work)
-    if _is_svd_unet(model):
-        return _svd_forward(model, work)
-    raise UnsupportedModelError(f"{type(model).__name__}: the memory planner knows Wan (WanModel) and SVD "
-                                f"(UNetModel with VideoResBlocks) diffusion models")
-
-
-def _is_svd_unet(model: nn.Module) -> bool:
-    return derives_from(model, "UNetModel") and any(type(m).__name__ == "VideoResBlock" for m in model.modules())
+    return diffusion_family(model).step_inputs(model, work)
 
 
 def slicing_ladder(model: nn.Module, work: Workload, steps: int = 3) -> list[Optional[SliceSettings]]:
     """Settings from the least slicing to the finest: stock (None), Feature Slicer, Slicer + Operator
-    Grouper (auto), then the grouped slicing with 2x, 4x, ... more chunks than auto along the axis
-    that bounds the peak (token chunks for DiTs, strips for UNets, whose spatial chunks are single
-    frames already)."""
-    ladder = [None, SliceSettings(), SliceSettings(group_ops=True)]
-    if derives_from(model, "WanModel"):
-        batch, _, frames, height, width = work.latent_shape
-        tokens = frames * math.ceil(height / 2) * math.ceil(width / 2)
-        auto = -(-tokens * model.dim // AUTO_TOKEN_ELEMENTS)
-        finer = [SliceSettings(frame_chunks=min(tokens, auto * 2 ** i), group_ops=True) for i in range(1, steps + 1)]
-    else:
-        width = work.latent_shape[-1]
-        auto = -(-width // AUTO_STRIP_WIDTH)
-        finer = [SliceSettings(strip_chunks=min(width, auto * 2 ** i), group_ops=True) for i in range(1, steps + 1)]
-    return ladder + list(dict.fromkeys(finer))
+    Grouper (auto), then the family's finer levels (2x, 4x, ... more chunks than auto along the axis
+    that bounds its peak)."""
+    finer = diffusion_family(model).finer_slicing(model, work, steps)
+    return [None, SliceSettings(), SliceSettings(group_ops=True)] + list(dict.fromkeys(finer))

@@ -1,6 +1,5 @@
 """The table of supported model families and blocks, and the one mechanism that installs and
 removes sliced forwards (as ComfyUI object patches, or directly on a plain torch module)."""
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -11,9 +10,10 @@ from .diffusers_svd import (spatio_temporal_resblock_forward, temporal_decoder_f
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
-from . import svd_vae, wan_vae
+from . import svd_vae, wan_vae, workloads
 from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
 from ..host import derives_from
+from ..patching import install, patches_applied
 from .wan import wan_block_forward
 
 
@@ -54,12 +54,29 @@ def _frame_local_children(*names):
 
 @dataclass(frozen=True)
 class Family:
-    """`decode_estimate(vae, settings, stock_estimate)`, for VAE families: the memory estimate
-    ComfyUI sizes decode batches with, for the sliced decode."""
+    """A row of the table every part of the pack reads: the slicer (`signature`, `rules`), the
+    self-check (the rules' probes), the Memory Planner (`step_inputs`, `finer_slicing`,
+    `repeated_stack`, `decode_estimate`) and DualParal (`pipeline_parts`, `pipeline_classes`).
+
+    root: class name of the whole model the family's blocks live in (model-level rows need it).
+    decode_estimate(vae, settings, stock_estimate), for VAE families: the memory estimate ComfyUI
+        sizes decode batches with, for the sliced decode.
+    step_inputs(model, Workload) -> forward(twin, device): one sampling step, for the predictor.
+    finer_slicing(model, Workload, steps) -> SliceSettings past auto, coarsest first.
+    repeated_stack: the attribute holding alike blocks that pass one fixed-size tensor along, so the
+        predictor runs two of them.
+    pipeline_parts: what a DualParal rank stage uses of the model (empty: DualParal refuses it);
+    pipeline_classes: the host classes (module.Class) a cluster rank may rebuild from a request."""
     name: str
     signature: Callable[[nn.Module], bool]
     rules: tuple
+    root: str = ""
     decode_estimate: Optional[Callable] = None
+    step_inputs: Optional[Callable] = None
+    finer_slicing: Optional[Callable] = None
+    repeated_stack: str = ""
+    pipeline_parts: tuple = ()
+    pipeline_classes: tuple = ()
 
 
 def _wan_vae_decode(vae: nn.Module, settings: SliceSettings) -> dict:
@@ -73,6 +90,7 @@ FAMILIES = (
     Family(
         "SVD-family video UNet (ComfyUI openaimodel: VideoResBlock, SpatialVideoTransformer)",
         signature=_is("VideoResBlock", "in_layers", "time_stack"),
+        root="UNetModel", step_inputs=workloads.svd_step, finer_slicing=workloads.finer_strips,
         rules=(
             BlockRule(_is("VideoResBlock", "in_layers", "time_stack"), _forward(video_resblock_forward)),
             BlockRule(_is("SpatialVideoTransformer", "time_stack"), _forward(spatial_video_transformer_forward)),
@@ -98,13 +116,18 @@ FAMILIES = (
     ),
     Family(
         "Wan 2.1 / 2.2 VAE (ComfyUI wan/vae.py, wan/vae2_2.py: WanVAE)",
-        signature=_is("WanVAE", "decoder", "conv2"),
+        signature=_is("WanVAE", "decoder", "conv2"), root="WanVAE",
         rules=(BlockRule(_is("WanVAE", "decoder", "conv2"), _wan_vae_decode),),
         decode_estimate=wan_vae.decode_estimate,
     ),
     Family(
         "Wan 2.1 / 2.2 DiT (ComfyUI wan/model.py: WanAttentionBlock)",
         signature=_is("WanAttentionBlock", "self_attn", "cross_attn", "ffn", "modulation"),
+        root="WanModel", step_inputs=workloads.wan_step, finer_slicing=workloads.finer_token_chunks,
+        repeated_stack="blocks",
+        pipeline_parts=("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
+                        "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim"),
+        pipeline_classes=("comfy.ldm.wan.model.WanModel",),
         rules=(  # subclasses (VACE, audio) change the forward's signature: only the plain block
             BlockRule(lambda m: type(m).__name__ == "WanAttentionBlock", _forward(wan_block_forward)),
         ),
@@ -130,6 +153,22 @@ FAMILIES = (
 )
 
 SUPPORTED = "; ".join(f.name for f in FAMILIES)
+
+
+def family_of(model: nn.Module) -> Optional[Family]:
+    """The family whose whole model `model` is (its root class, holding the family's blocks)."""
+    modules = list(model.modules())
+    return next((f for f in FAMILIES if f.root and derives_from(model, f.root)
+                 and any(f.signature(m) for m in modules)), None)
+
+
+def diffusion_family(model: nn.Module) -> Family:
+    """The family of a diffusion model the Memory Planner can predict."""
+    family = family_of(model)
+    if family is None or family.step_inputs is None:
+        known = "; ".join(f.name for f in FAMILIES if f.step_inputs)
+        raise UnsupportedModelError(f"{type(model).__name__}: the memory planner knows {known}")
+    return family
 
 
 def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") -> dict:
@@ -189,20 +228,8 @@ def apply_slicing(target, settings: SliceSettings):
             f"{type(target).__name__} has no model with video blocks that Streamline can slice. Supported: {SUPPORTED}.")
     for model, patches in plans:
         remove_slicing(model)
-        setattr(model, _INSTALLED, [(owner, attribute) for owner, attribute, _ in _install(model, patches)])
+        setattr(model, _INSTALLED, [(owner, attribute) for owner, attribute, _ in install(model, patches)])
     return target
-
-
-def _install(model: nn.Module, patches: dict) -> list:
-    """Sets every patch (attribute path from `model` -> value); returns (owner, attribute, what the
-    owner's instance held before, or _MISSING) per patch."""
-    installed = []
-    for path, value in patches.items():
-        owner_path, _, attribute = path.rpartition(".")
-        owner = model.get_submodule(owner_path)
-        installed.append((owner, attribute, owner.__dict__.get(attribute, _MISSING)))
-        setattr(owner, attribute, value)
-    return installed
 
 
 def remove_slicing(target):
@@ -213,19 +240,7 @@ def remove_slicing(target):
     return target
 
 
-@contextmanager
 def slicing_applied(model: nn.Module, settings: SliceSettings):
     """`model` sliced with `settings` inside the with-block only; afterwards every attribute it
     patched is as it was, including forwards that others (a ComfyUI ModelPatcher) had installed."""
-    saved = _install(model, slicing_patches(model, settings))
-    try:
-        yield model
-    finally:
-        for owner, attribute, previous in reversed(saved):
-            if previous is _MISSING:
-                owner.__dict__.pop(attribute, None)
-            else:
-                owner.__dict__[attribute] = previous
-
-
-_MISSING = object()
+    return patches_applied(model, slicing_patches(model, settings))
