@@ -28,6 +28,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..core.memory.readings import format_summary, read_memory
 from ..core.memory.chart import draw_chart
 from ..core.memory.recording import Recorder
+from ..core.slicing import self_check
 
 try:
     from comfy_execution.progress import ProgressHandler
@@ -100,6 +101,7 @@ class PromptRecording:
         self.problem: Optional[str] = None  # why the report cannot be written, once known
         self._send_failed = False
         self.recorder = Recorder(prompt_id, self._send_samples)
+        self.checks_from = self_check.mark()  # self-check fallbacks after this happened during the prompt
 
     def use_prefix(self, prefix: str):
         """Fixes the report's files with `prefix` unless already fixed; checks that the folder takes them
@@ -132,8 +134,13 @@ class PromptRecording:
             return "report: written when the prompt ends"
         return f"report: output/{self.files['json']['subfolder']}/{self.files['json']['filename']} (+ .png)"
 
+    def recording_summary(self) -> str:
+        """The recording's summary, then the self-check fallbacks that happened during the prompt."""
+        fallbacks = self_check.fallbacks(self.checks_from)
+        return "\n".join([self.recorder.recording.summary(), *(r.message() for r in fallbacks)])
+
     def summary(self) -> str:
-        lines = [self.recorder.recording.summary()]
+        lines = [self.recording_summary()]
         if self.step_note:
             lines.append(self.step_note)
         return "\n".join(lines + [self.report_line()])
@@ -161,7 +168,7 @@ class PromptRecording:
         if self.base is not None:
             try:
                 with open(self.base + ".json", "w") as f:
-                    json.dump({"finished": time.time(), "summary": recording.summary(), "peaks": recording.peaks(),
+                    json.dump({"finished": time.time(), "summary": self.recording_summary(), "peaks": recording.peaks(),
                                "step_note": self.step_note, **recording.as_dict()}, f, indent=1)
                 draw_chart(recording).save(self.base + ".png")
             except Exception as error:

@@ -4,7 +4,7 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..core.slicing import SliceSettings, UnsupportedModelError, decode_estimate, slicing_patches
+from ..core.slicing import SliceSettings, UnsupportedModelError, decode_estimate, self_check, slicing_patches
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,36 @@ def _chunk_inputs():
     ]
 
 
+def _made_by(node: str) -> dict:
+    """The tag of the patches a node makes: its title and, inside a running prompt, its id."""
+    node_id = None
+    try:
+        from comfy_execution.utils import get_executing_context
+        context = get_executing_context()
+        node_id = None if context is None else context.node_id
+    except ImportError:  # a host without execution contexts: the warning goes to the log and the report only
+        pass
+    return {"node": node, "node_id": node_id}
+
+
+def show_fallback(result: "self_check.CheckResult"):
+    """A self-check fallback, as text on the node that made the patch (all of its fallbacks so far);
+    core has logged it already."""
+    node_id = (result.tag or {}).get("node_id")
+    if not result.fell_back or node_id is None:
+        return
+    text = "\n".join(r.message() for r in self_check.fallbacks() if r.tag is result.tag)
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+        server.send_progress_text(text, node_id, getattr(server, "client_id", None))
+    except Exception:  # no server (in-process use) or an older one: the log and the report still say it
+        log.debug("could not show the self-check fallback on node %s", node_id, exc_info=True)
+
+
+self_check.add_listener(show_fallback)
+
+
 def sliced_model(model, node: str, **changes):
     """A clone of `model` whose supported video blocks run sliced with the merged settings.
 
@@ -31,7 +61,8 @@ def sliced_model(model, node: str, **changes):
     transformer_options = model.model_options.get("transformer_options", {})
     settings = transformer_options.get(SETTINGS_KEY, SliceSettings()).merged(**changes)
     try:
-        patches = slicing_patches(model.get_model_object("diffusion_model"), settings, "diffusion_model.")
+        with self_check.tagged(_made_by(node)):
+            patches = slicing_patches(model.get_model_object("diffusion_model"), settings, "diffusion_model.")
     except UnsupportedModelError as error:
         raise ValueError(f"{node}: {error}") from None
     clone = model.clone()
@@ -43,7 +74,8 @@ def sliced_model(model, node: str, **changes):
 
 def sliced_vae(vae, node: str, settings: SliceSettings):
     try:
-        patches = slicing_patches(vae.first_stage_model, settings)
+        with self_check.tagged(_made_by(node)):
+            patches = slicing_patches(vae.first_stage_model, settings)
     except UnsupportedModelError as error:
         raise ValueError(f"{node}: {error}") from None
     clone = copy.copy(vae)

@@ -10,7 +10,7 @@ from .diffusers_svd import (spatio_temporal_resblock_forward, temporal_decoder_f
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
-from . import svd_vae, wan_vae, workloads
+from . import self_check, svd_vae, wan_vae, workloads
 from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
 from ..host import derives_from
 from ..patching import install, patches_applied
@@ -186,7 +186,7 @@ def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") 
             rule = next((r for r in family.rules if r.matches(module)), None)
             if rule is not None:
                 base = f"{prefix}{path}." if path else prefix
-                for key, value in rule.make(module, settings).items():
+                for key, value in self_check.checked(module, rule.make, settings, base).items():
                     # a parent's rule may already have patched this module, coordinated with itself
                     patches.setdefault(base + key, value)
                 break

@@ -1,5 +1,6 @@
 """Fixture nodes for tests and the demo: stand-ins for encoders whose ComfyUI configs are fixed at full
-size (umt5-xxl for Wan, ViT-H CLIP vision for SVD), so stock workflows run on a CPU with tiny models.
+size (umt5-xxl for Wan, ViT-H CLIP vision for SVD), so stock workflows run on a CPU with tiny models,
+and a host patch that no slicing can match (the self-check's end-to-end test).
 Loaded next to the product by the harness only; never part of a user's install."""
 import hashlib
 import json
@@ -64,11 +65,37 @@ class TextEmbedding:
         return ([[embedding, {}]],)
 
 
+class ChunkSensitiveLayer:
+    """A host patch that is not per token, for the self-check test: the output projection of one Wan
+    block's self-attention scales its result by a factor that depends on how many tokens it is given,
+    so that block sliced into token chunks cannot equal the stock block, and Streamline's self-check
+    must notice and run it stock."""
+    CATEGORY = "Streamline fixtures"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "block": ("INT", {"default": 0, "min": 0, "max": 100})}}
+
+    def patch(self, model, block):
+        name = f"diffusion_model.blocks.{block}.self_attn.o"
+        layer = model.get_model_object(name)
+
+        def forward(x):
+            return type(layer).forward(layer, x) * (1.0 + 0.01 * math.sin(x.shape[1]))
+        clone = model.clone()
+        clone.add_object_patch(f"{name}.forward", forward)
+        return (clone,)
+
+
 NODE_CLASS_MAPPINGS = {
     "StreamlineFixtureTinyCLIPVision": TinyCLIPVision,
     "StreamlineFixtureTextEmbedding": TextEmbedding,
+    "StreamlineFixtureChunkSensitiveLayer": ChunkSensitiveLayer,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "StreamlineFixtureTinyCLIPVision": "Tiny CLIP Vision (fixture)",
     "StreamlineFixtureTextEmbedding": "Text Embedding (fixture)",
+    "StreamlineFixtureChunkSensitiveLayer": "Chunk-Sensitive Layer (fixture)",
 }

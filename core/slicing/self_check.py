@@ -1,0 +1,647 @@
+"""Patches that check themselves (issue 17).
+
+`slicing_patches` hands every replacement it makes to `checked`, which wraps it in a `Checker`. The
+first time the patched module runs (once per patch made: per model instance, slicing settings and
+host version, and again when a node makes its patches anew), the checker cuts the real call's inputs down to a probe: a few frames or tokens and a small spatial crop
+of the real inputs, with the real weights, on the module's device and dtype. Under no_grad it runs
+the host's stock forward (the class's own `forward` / `decode`: what runs without the patch) and a
+sliced forward made by the same maker with probe settings that cross chunk and strip borders on the
+probe, and compares the two. Within tolerance, the installed sliced forward runs from then on;
+beyond it, the stock forward does, and a warning naming the block (class and path) and the host
+version goes to the log and to the listeners (the nodes put it on the slicing node and in the
+Memory Monitor's report): a broken replacement costs memory, never silently wrong output.
+
+While a probe runs, every other checked module inside it runs stock (or, for the parts of one patch
+group such as the SVD UNet's skip fusion, the probe's own companion), so each check compares one
+replacement against the host's code alone.
+
+What a probe of each block is comes from PROBES, keyed like the block table's rows
+(registry.FAMILIES) by the maker of the sliced forward; a maker marked UNCHECKED runs unchecked
+(logged once at debug level). Adding a family means adding its rows there too.
+"""
+import inspect
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..kv_carry import KV_CARRY
+from .settings import SliceSettings
+
+log = logging.getLogger(__name__)
+
+EXACT_TOLERANCE = 1e-5  # fp32 / fp64: max abs difference <= this x the stock output's max abs value
+# fp16 / bf16, and fp32 where CUDA may compute it in TF32 (10-bit mantissa): the order of two stock
+# runs on different kernels
+LOW_PRECISION_TOLERANCE = 1e-2
+
+SPATIAL_SHARE = 16  # a probe keeps about 1/16 of each spatial axis (1/256 of the positions) ...
+MIN_SIDE = 2  # ... but at least 2 positions, so strips and bands have a border to cross
+UNET_MIN_SIDE = 4  # the whole SVD UNet's probe: still 1 position after its three downsamplings
+FRAME_LOCAL_FRAMES = 3  # frames of a frame-local module's probe (3 chunks of 1)
+VIDEO_FRAMES = 5  # latent frames of a video decoder's probe: the Wan VAE's first frame and two runs
+PROBE_TOKENS = 256  # tokens of a DiT block's probe (per-frame modulation: 2 frames of 128)
+PROBE_CHUNKS = 3  # frame / token chunks and strips / bands of a probe (fewer where an axis is shorter)
+
+PASSED, FELL_BACK, UNCHECKED, NOT_CHECKED = "passed", "fell back to stock", "unchecked", "not checked"
+
+ENABLED = os.environ.get("STREAMLINE_SELF_CHECK", "1") != "0"  # STREAMLINE_SELF_CHECK=0: no probes at all
+
+
+def host_version(module: Optional[nn.Module] = None) -> str:
+    """The host's version, read without importing it: 'ComfyUI 0.3.75' (or 'ComfyUI unknown'),
+    plus diffusers' version for a diffusers block."""
+    comfy = getattr(sys.modules.get("comfyui_version"), "__version__", None)
+    host = f"ComfyUI {comfy or 'unknown'}"
+    if module is not None and type(module).__module__.startswith("diffusers"):
+        host += f" / diffusers {getattr(sys.modules.get('diffusers'), '__version__', 'unknown')}"
+    return host
+
+
+# ---- results: a small registry the nodes read ------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckResult:
+    seq: int
+    outcome: str  # PASSED, FELL_BACK, UNCHECKED or NOT_CHECKED
+    block: str  # class of the patched module
+    path: str  # its attribute path from the patched model ("" for the model itself)
+    attribute: str  # the replaced attribute: "forward" or "decode"
+    host: str
+    detail: str
+    tag: Optional[dict] = None  # who made the patch (the nodes: {"node": title, "node_id": id})
+    seconds: float = 0.0  # wall time of the probe
+
+    @property
+    def fell_back(self) -> bool:
+        return self.outcome == FELL_BACK
+
+    @property
+    def where(self) -> str:
+        return f"{self.block} at {self.path or '<model>'} ({self.attribute})"
+
+    def message(self) -> str:
+        if self.fell_back:
+            return (f"Streamline self-check: {self.where} does not match {self.host}'s stock {self.attribute} on a "
+                    f"probe ({self.detail}); this block runs stock from now on (stock output, stock memory).")
+        return f"Streamline self-check: {self.where} {self.outcome} on {self.host} ({self.detail})."
+
+
+_results = deque(maxlen=1000)
+_listeners = []
+_seq = [0]
+_lock = threading.RLock()
+_local = threading.local()
+
+
+def results(since: int = 0) -> list:
+    """Check results recorded after sequence number `since` (see `mark`), oldest first."""
+    return [r for r in list(_results) if r.seq > since]
+
+
+def fallbacks(since: int = 0) -> list:
+    return [r for r in results(since) if r.fell_back]
+
+
+def mark() -> int:
+    """The sequence number of the latest result: `results(mark())` later gives what came after."""
+    return _seq[0]
+
+
+def add_listener(listener: Callable) -> None:
+    """`listener(result)` is called for every new CheckResult (its exceptions are logged, not raised)."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def remove_listener(listener: Callable) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def _record(checker: "Checker", outcome: str, detail: str, seconds: float = 0.0) -> CheckResult:
+    with _lock:
+        _seq[0] += 1
+        result = CheckResult(_seq[0], outcome, type(checker.owner).__name__, checker.path, checker.attribute,
+                             checker.host, detail, checker.tag, seconds)
+        _results.append(result)
+    if result.fell_back:
+        log.warning("%s", result.message())
+    elif outcome == NOT_CHECKED:
+        log.warning("%s; it runs sliced, unchecked.", result.message())
+    else:
+        log.debug("%s", result.message())
+    for listener in list(_listeners):
+        try:
+            listener(result)
+        except Exception:
+            log.exception("Streamline self-check: a result listener failed")
+    return result
+
+
+@contextmanager
+def tagged(tag: Optional[dict]):
+    """Checkers made inside the with-block carry `tag` in their results (the nodes use it to name
+    the node that made the patches)."""
+    previous = getattr(_local, "tag", None)
+    _local.tag = tag
+    try:
+        yield
+    finally:
+        _local.tag = previous
+
+
+# ---- probes: how each block's call is cut down ---------------------------------------------------
+
+class Call:
+    """A call's arguments by parameter name of the stock forward's signature, to cut into a probe."""
+
+    def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict):
+        self.signature = signature
+        self.bound = signature.bind(*args, **kwargs)
+        self.extra = next((name for name, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+
+    def _holder(self, name: str) -> Optional[dict]:
+        if name in self.bound.arguments:
+            return self.bound.arguments
+        extra = self.bound.arguments.get(self.extra) if self.extra else None
+        return extra if extra is not None and name in extra else None
+
+    def get(self, name: str, default=None):
+        holder = self._holder(name)
+        return default if holder is None else holder[name]
+
+    def set(self, name: str, value) -> None:
+        """Changes an argument the call was given (an argument it was not given stays absent)."""
+        holder = self._holder(name)
+        if holder is not None:
+            holder[name] = value
+
+    @property
+    def first(self) -> str:
+        return next(iter(self.signature.parameters))
+
+    def copy(self) -> "Call":
+        """A copy with its own tensors and dicts (replacements may write their input in place)."""
+        def own(value):
+            if isinstance(value, torch.Tensor):
+                return value.clone()
+            if isinstance(value, dict):
+                return {k: own(v) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+            if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+                return type(value)(own(v) for v in value)
+            return value
+        return Call(self.signature, tuple(own(a) for a in self.bound.args),
+                    {k: own(v) for k, v in self.bound.kwargs.items()})
+
+    def run(self, function: Callable):
+        return function(*self.bound.args, **self.bound.kwargs)
+
+
+def _side(length: int, minimum: int = MIN_SIDE) -> int:
+    return min(length, max(minimum, -(-length // SPATIAL_SHARE)))
+
+
+def _crop(x: torch.Tensor, dims: tuple, minimum: int = MIN_SIDE) -> torch.Tensor:
+    for dim in dims:
+        x = x.narrow(dim, 0, _side(x.shape[dim], minimum))
+    return x
+
+
+def _rows(value, rows: slice, batch: int):
+    """The rows of a per-sample side input (embedding, context) that belong to the probe."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
+def _own_options(call: Call, drop=()) -> None:
+    """A probe gets its own transformer_options (blocks write into theirs), without `drop`."""
+    options = call.get("transformer_options")
+    if isinstance(options, dict):
+        call.set("transformer_options", {k: v for k, v in options.items() if k not in drop})
+
+
+def _first_video(call: Call, x_name: str, frames: int, side: tuple, minimum: int = MIN_SIDE) -> Optional[Call]:
+    """The first video (its `frames` rows of the batch*frames axis), all its frames, a small spatial crop."""
+    x = call.get(x_name)
+    batch = x.shape[0]
+    if not frames or batch % frames:
+        return None
+    rows = slice(0, frames)
+    call.set(x_name, _crop(x[rows], (2, 3), minimum))
+    for name in side:
+        call.set(name, _rows(call.get(name), rows, batch))
+    indicator = call.get("image_only_indicator")
+    if isinstance(indicator, torch.Tensor) and indicator.ndim == 2:
+        call.set("image_only_indicator", indicator[:1])
+    _own_options(call)
+    return call
+
+
+def comfy_video_block(frames_name: str, side: tuple) -> Callable:
+    """ComfyUI's VideoResBlock (frames: num_video_frames) and SpatialVideoTransformer (timesteps)."""
+    return lambda owner, call: _first_video(call, "x", call.get(frames_name), side)
+
+
+def diffusers_video_block(side: tuple) -> Callable:
+    """diffusers' SpatioTemporalResBlock and TransformerSpatioTemporalModel (frames from image_only_indicator)."""
+    def cut(owner, call):
+        indicator = call.get("image_only_indicator")
+        return None if indicator is None else _first_video(call, "hidden_states", indicator.shape[-1], side)
+    return cut
+
+
+def frame_local(owner, call):
+    """Any module that treats every frame on its own: 3 frames, a small spatial crop."""
+    name = call.first
+    x = call.get(name)
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        return None
+    batch, rows = x.shape[0], slice(0, min(x.shape[0], FRAME_LOCAL_FRAMES))
+    call.set(name, _crop(x[rows], {4: (2, 3), 5: (3, 4)}.get(x.ndim, ())))
+    for other in list(call.signature.parameters)[1:]:
+        if other in ("output_shape", "output_size"):  # the full-size target of an upsampling
+            call.set(other, None)
+        else:
+            call.set(other, _rows(call.get(other), rows, batch))
+    return call
+
+
+def svd_unet(owner, call):
+    """The whole SVD UNet (its skip fusion and head): the first video, all frames, a small crop."""
+    if call.get("control") is not None:  # ControlNet residuals are full-size: check on a later call
+        return None
+    x = call.get("x")
+    return _first_video(call, "x", call.get("num_video_frames") or x.shape[0],
+                        ("timesteps", "context", "y", "time_context"), UNET_MIN_SIDE)
+
+
+def _few_frames(call: Call, x_name: str, frames: Optional[int], time_dim: Optional[int] = None) -> tuple:
+    """(the call cut to the first VIDEO_FRAMES frames (of the batch*frames axis, or of `time_dim`) and a
+    small crop, how many frames it keeps)."""
+    x = call.get(x_name)
+    if time_dim is None:  # b*t c h w: the first video's first frames
+        count = min(frames if isinstance(frames, int) and frames > 0 else x.shape[0], VIDEO_FRAMES)
+        call.set(x_name, _crop(x[:count], (2, 3)))
+    else:  # b c t h w
+        count = min(x.shape[time_dim], VIDEO_FRAMES)
+        call.set(x_name, _crop(x[:1].narrow(time_dim, 0, count), (3, 4), 4))
+    return call, count
+
+
+def svd_decoder(owner, call):
+    """ComfyUI's VideoDecoder forward(z, **kwargs): a 5-frame video, a small crop."""
+    timesteps = call.get("timesteps")
+    call, count = _few_frames(call, "z", timesteps)
+    if isinstance(timesteps, int):
+        call.set("timesteps", count)
+    return call
+
+
+def svd_decoder_block(x_name: str) -> Callable:
+    """ComfyUI's decoder VideoResBlock (x, temb, skip_video, timesteps) and AE3DConv (input, timesteps, ...)."""
+    def cut(owner, call):
+        timesteps = call.get("timesteps")
+        batch = call.get(x_name).shape[0]
+        call, count = _few_frames(call, x_name, timesteps)
+        call.set("temb", _rows(call.get("temb"), slice(0, count), batch))
+        if isinstance(timesteps, int):
+            call.set("timesteps", count)
+        return call
+    return cut
+
+
+def wan_vae(owner, call):
+    """WanVAE.decode(z): the first sample, 5 latent frames (the first alone and two runs of two), a
+    crop at least 4 latents wide each way (three strips with halos)."""
+    return _few_frames(call, "z", None, time_dim=2)[0]
+
+
+def diffusers_temporal_decoder(owner, call):
+    """TemporalDecoder forward(sample, image_only_indicator, num_frames)."""
+    frames = call.get("num_frames")
+    call, count = _few_frames(call, "sample", frames)
+    call.set("num_frames", count)
+    indicator = call.get("image_only_indicator")
+    if isinstance(indicator, torch.Tensor) and indicator.ndim == 2:
+        call.set("image_only_indicator", indicator[:1, :count])
+    return call
+
+
+def time_conv(owner, call):
+    """A time-only Conv3d on b c t h w."""
+    return _few_frames(call, call.first, None, time_dim=2)[0]
+
+
+def wan_block(owner, call):
+    """WanAttentionBlock: the first sample; PROBE_TOKENS tokens (with per-frame modulation, the first
+    tokens of two frames, with those frames' modulation rows), with their RoPE rows; full context."""
+    x, e, freqs = call.get("x"), call.get("e"), call.get("freqs")
+    batch, tokens = x.shape[:2]
+    if e.ndim == 4 and 1 < e.shape[1] < tokens:  # one modulation row per latent frame, as repeat_e expands it
+        rows = e.shape[1]
+        per_row = tokens // rows if (tokens // rows) * rows == tokens else tokens // rows + 1
+        count = min(per_row, PROBE_TOKENS // 2)
+        frames = min(rows, 2)
+        index = torch.cat([torch.arange(f * per_row, min(f * per_row + count, tokens)) for f in range(frames)])
+        if len(index) != frames * count:
+            return None
+        e = e[:1, :frames]
+    else:
+        index = torch.arange(min(tokens, PROBE_TOKENS))
+        e = e[:1, index.to(e.device)] if e.ndim == 4 and e.shape[1] == tokens else e[:1]
+    index = index.to(x.device)
+    call.set("x", x[:1, index])
+    call.set("e", e)
+    if isinstance(freqs, torch.Tensor) and freqs.ndim > 1 and freqs.shape[1] == tokens:
+        call.set("freqs", freqs[:1, index.to(freqs.device)])
+    elif isinstance(freqs, torch.Tensor) and freqs.ndim > 1 and freqs.shape[1] != 1:
+        return None  # RoPE rows that do not match the tokens one to one (carried tokens): not cut here
+    call.set("context", _rows(call.get("context"), slice(0, 1), batch))
+    _own_options(call, drop=(KV_CARRY,))  # DualParal's feature cache is not the probe's
+    return call
+
+
+@dataclass(frozen=True)
+class Probe:
+    """`cut(owner, call)` turns the real call (a Call bound to stock's signature) into the probe's,
+    or returns None where this call cannot be cut (checked on a later call). `group`: the maker's
+    other patches are this one's companions (checked with it, running as it is decided)."""
+    cut: Callable
+    group: bool = False
+
+
+UNCHECKED_PROBE = None  # a row whose blocks run unchecked (logged once at debug level)
+_MISSING = Probe(lambda owner, call: None)  # a maker the table lacks: unchecked, with a warning (a bug)
+
+# maker of a sliced forward (registry.FAMILIES) -> its probe
+PROBES = {
+    # ComfyUI SVD UNet
+    "unet_patches": Probe(svd_unet, group=True),
+    "video_resblock_forward": Probe(comfy_video_block("num_video_frames", ("emb",))),
+    "spatial_video_transformer_forward": Probe(comfy_video_block("timesteps", ("context", "time_context"))),
+    "frame_local_forward": Probe(frame_local),
+    # ComfyUI SVD temporal VAE decoder
+    "video_decoder_forward": Probe(svd_decoder),
+    "decoder_video_resblock_forward": Probe(svd_decoder_block("x")),
+    "video_conv_forward": Probe(svd_decoder_block("input")),
+    # Wan
+    "wan_vae_decode": Probe(wan_vae),
+    "wan_block_forward": Probe(wan_block),
+    # diffusers SVD
+    "spatio_temporal_resblock_forward": Probe(diffusers_video_block(("temb",))),
+    "transformer_spatio_temporal_forward": Probe(diffusers_video_block(("encoder_hidden_states",))),
+    "temporal_decoder_forward": Probe(diffusers_temporal_decoder),
+    "time_conv_forward": Probe(time_conv),
+}
+
+
+@dataclass(frozen=True)
+class ProbeSettings(SliceSettings):
+    """A probe's settings: PROBE_CHUNKS slices wherever an axis holds them, quietly fewer where it does
+    not (the user's own counts keep their clamp warnings)."""
+
+    @classmethod
+    def of(cls, settings: SliceSettings) -> "ProbeSettings":
+        return cls(**{**vars(settings), "frame_chunks": PROBE_CHUNKS, "strip_chunks": PROBE_CHUNKS})
+
+    def frames(self, length: int) -> int:
+        return max(1, min(self.frame_chunks, length))
+
+    def strips(self, length: int) -> int:
+        return max(1, min(self.strip_chunks, length))
+
+    def tokens(self, length: int, width: int) -> int:
+        return max(1, min(self.frame_chunks, length))
+
+    def bands(self, positions: int, channels: int) -> int:
+        return max(1, min(self.strip_chunks, positions))
+
+
+def maker_of(replacement) -> str:
+    """The function that made a sliced forward (its closure's outer function)."""
+    return getattr(replacement, "__qualname__", "").split(".<locals>")[0]
+
+
+# ---- comparing -------------------------------------------------------------------------------------
+
+def _tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if hasattr(value, "to_tuple"):  # diffusers' BaseOutput
+        return _tensors(value.to_tuple())
+    return []
+
+
+def tolerance(stock: torch.Tensor, convolutions: bool) -> float:
+    if stock.dtype in (torch.float32, torch.float64):
+        tf32 = stock.device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
+                                                or (convolutions and torch.backends.cudnn.allow_tf32))
+        if not tf32:
+            return EXACT_TOLERANCE
+    return LOW_PRECISION_TOLERANCE
+
+
+def compare(stock, sliced, convolutions: bool = True) -> tuple:
+    """(whether `sliced` matches `stock` within tolerance, a description of the largest difference)."""
+    expected, got = _tensors(stock), _tensors(sliced)
+    if len(expected) != len(got):
+        return False, f"{len(got)} output tensors where stock gives {len(expected)}"
+    worst = (0.0, 0.0, EXACT_TOLERANCE)
+    for a, b in zip(expected, got):
+        if a.shape != b.shape:
+            return False, f"output shape {tuple(b.shape)} where stock gives {tuple(a.shape)}"
+        limit = tolerance(a, convolutions)
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a, b.to(a.device)):
+                return False, "integer outputs differ"
+            continue
+        a, b = a.detach().double(), b.detach().to(a.device).double()
+        finite = torch.isfinite(a)
+        if not torch.equal(finite, torch.isfinite(b)):
+            return False, "non-finite values where stock has finite ones (or the reverse)"
+        if not finite.any():
+            continue
+        difference = (a - b).abs()[finite].max().item()
+        scale = a.abs()[finite].max().item()
+        relative = difference / scale if scale > 0 else difference
+        if relative > limit:
+            return False, (f"max abs difference {difference:.2e} = {relative:.1e} of the output's scale {scale:.2e}, "
+                           f"tolerance {limit:.0e}")
+        worst = max(worst, (relative, scale, limit))
+    return True, f"max abs difference {worst[0]:.1e} of the output's scale, tolerance {worst[2]:.0e}"
+
+
+# ---- the checker -----------------------------------------------------------------------------------
+
+_unchecked_logged = set()
+_force_fake = [False]  # bench/self_check_cost.py: probe fake tensors too (to count FLOPs), without comparing
+
+
+class _StockFailed(Exception):
+    pass
+
+
+@contextmanager
+def _probing(overrides: dict):
+    previous = getattr(_local, "overrides", None)
+    _local.overrides = overrides
+    try:
+        yield
+    finally:
+        _local.overrides = previous
+
+
+@contextmanager
+def counting_fake_probes():
+    """For bench/self_check_cost.py: checkers probe fake (or meta) tensors too, running stock and the
+    probe's sliced forward without comparing them, so the probe's FLOPs can be counted at full size."""
+    _force_fake[0] = True
+    try:
+        yield
+    finally:
+        _force_fake[0] = False
+
+
+def _unreal(args: tuple, kwargs: dict) -> bool:
+    """Whether the call holds fake or meta tensors (memory prediction, fake-tensor benchmarks)."""
+    from torch._subclasses.fake_tensor import is_fake
+    values = [*args, *kwargs.values()]
+    return any(isinstance(v, torch.Tensor) and (v.is_meta or is_fake(v)) for v in values)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+class Checker:
+    """A checked replacement of `owner.<attribute>`: called like it, runs the installed sliced
+    forward once the first probe has passed, the stock one once it has failed."""
+
+    def __init__(self, module: nn.Module, key: str, sliced: Callable, make: Callable, settings: SliceSettings,
+                 base: str, tag: Optional[dict]):
+        owner_path, _, attribute = key.rpartition(".")
+        self.module, self.key, self.make, self.settings, self.tag = module, key, make, settings, tag
+        self.owner = module.get_submodule(owner_path) if owner_path else module
+        self.attribute, self.sliced = attribute, sliced
+        self.path = f"{base}{owner_path}".rstrip(".")
+        stock = getattr(type(self.owner), attribute, None)
+        self.stock = stock.__get__(self.owner) if callable(stock) else None
+        self.maker = maker_of(sliced)
+        self.probe = PROBES.get(self.maker, _MISSING)
+        self.host = host_version(self.owner)
+        self.leader: Optional[Checker] = None
+        self.companions: list = []
+        self.result: Optional[CheckResult] = None
+        self._run: Optional[Callable] = None
+
+    def __repr__(self):
+        return f"<Streamline checked {self.maker} of {type(self.owner).__name__} at {self.path or '<model>'}>"
+
+    def __call__(self, *args, **kwargs):
+        overrides = getattr(_local, "overrides", None)
+        if overrides is not None:  # inside another block's probe: stock, or that probe's own companion
+            return overrides.get(self, self.stock)(*args, **kwargs)
+        run = self._run or self._resolve(args, kwargs)
+        return run(*args, **kwargs)
+
+    def _resolve(self, args, kwargs) -> Callable:
+        if self.leader is not None:  # decided with the group's leader
+            if self.leader.result is None:
+                return self.sliced
+            self._run = self.stock if self.leader.result.fell_back else self.sliced
+            return self._run
+        with _lock:
+            if self._run is None:
+                self.result = self._check(args, kwargs)
+                if self.result is None:  # this call could not be probed: sliced, unchecked, until one can
+                    return self.sliced
+                self._run = self.stock if self.result.fell_back else self.sliced
+            return self._run
+
+    def _check(self, args, kwargs) -> Optional[CheckResult]:
+        if not ENABLED or _compiling():
+            return None
+        if self.probe is UNCHECKED_PROBE or self.probe is _MISSING or self.stock is None:
+            if self.maker not in _unchecked_logged:
+                _unchecked_logged.add(self.maker)
+                log.log(logging.WARNING if self.probe is _MISSING else logging.DEBUG,
+                        "Streamline self-check: %s (%s) %s; its blocks run unchecked", self.maker,
+                        type(self.owner).__name__, "is missing from self_check.PROBES" if self.probe is _MISSING
+                        else "is marked unchecked in self_check.PROBES")
+            return CheckResult(0, UNCHECKED, type(self.owner).__name__, self.path, self.attribute, self.host,
+                               "no probe rule", self.tag)
+        fake = _unreal(args, kwargs)
+        if fake and not _force_fake[0]:
+            return None
+        started = time.perf_counter()
+        try:
+            outputs = self.probe_outputs(args, kwargs)
+        except _StockFailed as failure:
+            return _record(self, NOT_CHECKED, f"the stock {self.attribute} failed on the probe: {failure}",
+                           time.perf_counter() - started)
+        if outputs is None:
+            return None
+        stock, sliced, error = outputs
+        if error is not None:
+            outcome, detail = FELL_BACK, f"the sliced {self.attribute} raised {type(error).__name__}: {error}"
+        elif fake:
+            outcome, detail = PASSED, "fake tensors: run, not compared"
+        else:
+            convolutions = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.owner.modules())
+            matches, detail = compare(stock, sliced, convolutions)
+            outcome = PASSED if matches else FELL_BACK
+        del stock, sliced
+        return _record(self, outcome, detail, time.perf_counter() - started)
+
+    def probe_outputs(self, args, kwargs) -> Optional[tuple]:
+        """(stock output, sliced output or None, the sliced forward's exception or None) on the probe
+        cut from this call, or None where this call cannot be cut. Raises _StockFailed when stock fails."""
+        try:
+            call = self.probe.cut(self.owner, Call(inspect.signature(self.stock), args, kwargs))
+        except Exception as error:
+            raise _StockFailed(f"cutting the probe raised {type(error).__name__}: {error}") from None
+        if call is None:
+            return None
+        made = self.make(self.module, ProbeSettings.of(self.settings))
+        sliced = made[self.key]
+        overrides = {companion: made[companion.key] for companion in self.companions if companion.key in made}
+        with torch.no_grad():
+            with _probing({}):
+                try:
+                    expected = call.copy().run(self.stock)
+                except Exception as error:
+                    raise _StockFailed(f"{type(error).__name__}: {error}") from None
+            with _probing(overrides):
+                try:
+                    return expected, call.copy().run(sliced), None
+                except Exception as error:
+                    return expected, None, error
+
+
+def checked(module: nn.Module, make: Callable, settings: SliceSettings, base: str = "") -> dict:
+    """`make(module, settings)` (a block table row's patches: attribute path from `module` ->
+    replacement), each replacement wrapped in a Checker; `base` is `module`'s path in the model."""
+    patches = make(module, settings)
+    tag = getattr(_local, "tag", None)
+    checkers = {key: Checker(module, key, value, make, settings, base, tag) for key, value in patches.items()}
+    for leader in [c for c in checkers.values() if c.probe is not None and c.probe.group]:
+        for checker in checkers.values():
+            if checker is not leader:
+                checker.leader = leader
+                leader.companions.append(checker)
+    return checkers
