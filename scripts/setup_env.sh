@@ -76,7 +76,12 @@ log "ready: python=.venv/bin/python comfyui=$comfy"
 HOST2=.comfyui-0.33
 VENV2=.venv-0.33
 HOST2_COMMIT=783545f689a0
+# ../shared next to this checkout, or next to the repository a clean clone was made from (CI)
 HOST2_TARBALL="$root/../shared/comfyui/ComfyUI-0.33.0.tar.gz"
+origin="$(git -C "$root" config --get remote.origin.url 2>/dev/null || true)"
+if [ ! -f "$HOST2_TARBALL" ] && [ -d "$origin" ] && [ -f "$origin/../shared/comfyui/ComfyUI-0.33.0.tar.gz" ]; then
+  HOST2_TARBALL="$(cd "$origin/../shared/comfyui" && pwd)/ComfyUI-0.33.0.tar.gz"
+fi
 # torch 2.9.1 is the newest release with a torchaudio build installable here; 0.33's comfy/sd.py
 # imports torchaudio unconditionally. torchvision must match torch (0.24.1 for 2.9.1).
 TORCH2_PIN="torch==2.9.1 torchvision==0.24.1"
