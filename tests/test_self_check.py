@@ -336,7 +336,8 @@ def test_the_fallback_is_shown_on_the_node_that_made_the_patch(self_check, wan_m
     from comfyui_streamline.nodes.slicing import FeatureSlicer
 
     server = FakeServer()
-    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server)))
+    host_server = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server))
+    monkeypatch.setitem(sys.modules, "server", host_server)
     break_replacements(monkeypatch, self_check, lambda path: path == "diffusion_model.blocks.0.forward")
     with CurrentNodeContext("prompt-1", "17"):
         sliced = node_output(FeatureSlicer, wan_model, 2, 0)
@@ -352,7 +353,8 @@ def run_watching_node_texts(comfy_server, prompt: dict) -> tuple:
     import websocket
 
     client_id = uuid.uuid4().hex
-    ws = websocket.create_connection(f"{comfy_server.url.replace('http', 'ws', 1)}/ws?clientId={client_id}", timeout=600)
+    url = f"{comfy_server.url.replace('http', 'ws', 1)}/ws?clientId={client_id}"
+    ws = websocket.create_connection(url, timeout=600)
     texts = {}
     try:
         prompt_id = comfy_server.queue(prompt, client_id)
@@ -372,35 +374,54 @@ def run_watching_node_texts(comfy_server, prompt: dict) -> tuple:
     return comfy_server.wait(prompt_id), texts
 
 
+SLICING_NODES = ("StreamlineFeatureSlicer", "StreamlineOperatorGrouper", "StreamlineVAESlicer")
+
+
+def bypassed(prompt: dict, ids: list) -> dict:
+    """`prompt` without the nodes `ids`, whose consumers read those nodes' (one) linked input instead."""
+    source = {i: next(v for v in prompt[i]["inputs"].values() if isinstance(v, list)) for i in ids}
+
+    def upstream(link):
+        while isinstance(link, list) and link[0] in source:
+            link = source[link[0]]
+        return link
+    return {k: {**node, "inputs": {name: upstream(value) for name, value in node["inputs"].items()}}
+            for k, node in prompt.items() if k not in ids}
+
+
 def test_a_fallback_in_a_real_comfyui_prompt_is_in_the_log_on_the_node_and_in_the_report(comfy_server):
-    """Headless ComfyUI, Wan 2.1 text-to-video with the slicing nodes and a Memory Monitor, on a model
-    with a host patch that no slicing can match (Chunk-Sensitive Layer (fixture) on block 0): that block
-    runs stock, the saved latent equals the same workflow without the slicing nodes, and the warning is
-    in the server log, on the Operator Grouper (which made the installed patches) and in the report."""
+    """Headless ComfyUI, the Wan 2.1 text-to-video example with the slicing nodes and a Memory Monitor,
+    on a model with a host patch that no slicing can match (Chunk-Sensitive Layer (fixture) on block 0):
+    that block runs stock, the saved latent equals the same workflow's without the slicing nodes, and the
+    warning is in the server log, on the slicing node that made the installed patches (the last of the
+    chain) and in the Memory Monitor's report."""
     from safetensors.torch import load_file
 
-    def with_fixture(prompt):
-        prompt["20"] = {"class_type": "StreamlineFixtureChunkSensitiveLayer", "inputs": {"model": ["5", 0], "block": 0}}
+    prompt = load_workflow("demo_wan21_t2v_sliced_tiny.api.json")
+    slicing = [k for k, node in prompt.items() if node["class_type"] in SLICING_NODES]
+    model_slicing = [k for k in slicing if "model" in prompt[k]["inputs"]]
+    first = next(k for k in model_slicing if prompt[k]["inputs"]["model"][0] not in model_slicing)
+    last = next(k for k in model_slicing if not any(prompt[o]["inputs"].get("model") == [k, 0] for o in model_slicing))
+    sampler = next(k for k, node in prompt.items() if node["inputs"].get("model") == [last, 0])
+    prompt["900"] = {"class_type": "StreamlineFixtureChunkSensitiveLayer",
+                     "inputs": {"model": prompt[first]["inputs"]["model"], "block": 0}}
+    prompt[first]["inputs"]["model"] = ["900", 0]
+    prompt["901"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": ""}}
+    monitors = [k for k, node in prompt.items() if node["class_type"] == "StreamlineMemoryMonitor"]
+    if not monitors:
+        prompt["902"] = {"class_type": "StreamlineMemoryMonitor", "inputs": {"value": [sampler, 0]}}
+        monitors = ["902"]
+
+    def named(prompt, name):
+        for node in prompt.values():
+            if "filename_prefix" in node["inputs"]:
+                node["inputs"]["filename_prefix"] = f"self_check/{name}"
+        for monitor in monitors:
+            prompt[monitor]["inputs"]["report_prefix"] = f"self_check_{name}"
         return prompt
-
-    sliced = with_fixture(load_workflow("demo_wan21_t2v_sliced_tiny.api.json"))
-    sliced["12"]["inputs"]["model"] = ["20", 0]
-    for node in sliced.values():
-        if "filename_prefix" in node["inputs"]:
-            node["inputs"]["filename_prefix"] = "self_check/fallback"
-    sliced["9"]["inputs"]["report_prefix"] = "self_check_fallback"
-    stock = {k: v for k, v in with_fixture(load_workflow("demo_wan21_t2v_sliced_tiny.api.json")).items()
-             if k not in ("12", "13", "14")}
-    stock["7"]["inputs"]["model"] = ["20", 0]
-    stock["8"]["inputs"]["vae"] = ["2", 0]
-    for node in stock.values():
-        if "filename_prefix" in node["inputs"]:
-            node["inputs"]["filename_prefix"] = "self_check/stock"
-    stock["9"]["inputs"]["report_prefix"] = "self_check_stock"
-
-    result, texts = run_watching_node_texts(comfy_server, sliced)
+    result, texts = run_watching_node_texts(comfy_server, named(bypassed(prompt, []), "fallback"))
     assert result.status == "success", result.error
-    stock_result = comfy_server.run(stock)
+    stock_result = comfy_server.run(named(bypassed(prompt, slicing), "stock"))
     assert stock_result.status == "success", stock_result.error
 
     def latent(res):
@@ -411,9 +432,9 @@ def test_a_fallback_in_a_real_comfyui_prompt_is_in_the_log_on_the_node_and_in_th
     log_lines = [line for line in comfy_server.log().splitlines() if where in line]
     assert log_lines and version in log_lines[0] and "runs stock" in log_lines[0]
     assert "diffusion_model.blocks.1 (forward)" not in comfy_server.log()  # the other block passed
-    assert any(where in text and version in text for text in texts.get("13", [])), texts
-    summary = result.outputs["9"]["text"][0]
+    assert any(where in text and version in text for text in texts.get(last, [])), texts
+    summary = result.outputs[monitors[0]]["text"][0]
     assert where in summary and version in summary
     report = sorted((comfy_server.output_dir / "streamline_memory").glob("self_check_fallback_*.json"))[-1]
     assert report.name in summary and where in json.loads(report.read_text())["summary"]
-    assert where not in stock_result.outputs["9"]["text"][0]
+    assert where not in stock_result.outputs[monitors[0]]["text"][0]

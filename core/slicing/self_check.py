@@ -2,8 +2,9 @@
 
 `slicing_patches` hands every replacement it makes to `checked`, which wraps it in a `Checker`. The
 first time the patched module runs (once per patch made: per model instance, slicing settings and
-host version, and again when a node makes its patches anew), the checker cuts the real call's inputs down to a probe: a few frames or tokens and a small spatial crop
-of the real inputs, with the real weights, on the module's device and dtype. Under no_grad it runs
+host version, and again when a node makes its patches anew), the checker cuts the real call's
+inputs down to a probe: a few frames or tokens and a small spatial crop of the real inputs, with
+the real weights, on the module's device and dtype. Under no_grad it runs
 the host's stock forward (the class's own `forward` / `decode`: what runs without the patch) and a
 sliced forward made by the same maker with probe settings that cross chunk and strip borders on the
 probe, and compares the two. Within tolerance, the installed sliced forward runs from then on;
@@ -343,21 +344,23 @@ def time_conv(owner, call):
 
 
 def wan_block(owner, call):
-    """WanAttentionBlock: the first sample; PROBE_TOKENS tokens (with per-frame modulation, the first
-    tokens of two frames, with those frames' modulation rows), with their RoPE rows; full context."""
+    """WanAttentionBlock: the first sample; PROBE_TOKENS tokens, at most a quarter of the call's (with
+    per-frame modulation, the first tokens of two frames, with those frames' modulation rows), with
+    their RoPE rows; the whole context."""
     x, e, freqs = call.get("x"), call.get("e"), call.get("freqs")
     batch, tokens = x.shape[:2]
+    budget = min(PROBE_TOKENS, max(PROBE_CHUNKS, tokens // 4))  # never stock on more than a quarter of the call
     if e.ndim == 4 and 1 < e.shape[1] < tokens:  # one modulation row per latent frame, as repeat_e expands it
         rows = e.shape[1]
         per_row = tokens // rows if (tokens // rows) * rows == tokens else tokens // rows + 1
-        count = min(per_row, PROBE_TOKENS // 2)
         frames = min(rows, 2)
+        count = min(per_row, max(1, budget // frames))
         index = torch.cat([torch.arange(f * per_row, min(f * per_row + count, tokens)) for f in range(frames)])
         if len(index) != frames * count:
             return None
         e = e[:1, :frames]
     else:
-        index = torch.arange(min(tokens, PROBE_TOKENS))
+        index = torch.arange(min(tokens, budget))
         e = e[:1, index.to(e.device)] if e.ndim == 4 and e.shape[1] == tokens else e[:1]
     index = index.to(x.device)
     call.set("x", x[:1, index])
