@@ -175,6 +175,36 @@ def test_a_broken_svd_vae_decoder_runs_stock(self_check, monkeypatch, caplog, gr
     assert set(results.values()) <= {self_check.PASSED}
 
 
+def test_the_wan_vae_slicer_that_comfyui_033_broke_falls_back_there(self_check, monkeypatch, caplog):
+    """The VAE Slicer fed the Wan VAE one latent frame at a time. ComfyUI 0.33's causal layers cache only
+    the frames they are given, so that schedule decoded a wrong video there (about 1x the output scale
+    off from the 5th frame on) until core/slicing/wan_vae.py learnt the host's runs of CACHE_T frames.
+    With that schedule back, the self-check sees it on 0.33 and decodes stock; on 0.3.75, where the
+    schedule is exact, the sliced decode passes and runs."""
+    from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing, wan_vae
+
+    monkeypatch.setattr(wan_vae, "latent_runs", lambda frames, run: [slice(t, t + 1) for t in range(frames)])
+    vae = build_wan_vae("tiny").first_stage_model
+    z = torch.randn(1, 16, 6, 4, 5, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        stock = vae.decode(z)
+        with monkeypatch.context() as unchecked:
+            unchecked.setattr(self_check, "ENABLED", False)
+            wrong = apply_slicing(vae, SliceSettings(strip_chunks=2)).decode(z)
+            remove_slicing(vae)
+        since = self_check.mark()
+        with caplog.at_level(logging.WARNING):
+            decoded = apply_slicing(vae, SliceSettings(strip_chunks=2)).decode(z)
+        remove_slicing(vae)
+    assert relative_difference(decoded, stock) <= TOLERANCE
+    broken_here = relative_difference(wrong, stock) > TOLERANCE
+    if comfyui_version() == "0.33.0":
+        assert relative_difference(wrong, stock) > 0.1  # the break this host brought
+    assert outcomes(self_check, since) == {"": self_check.FELL_BACK if broken_here else self_check.PASSED}
+    if broken_here:
+        assert_warned(caplog, "WanVAE at <model> (decode)")
+
+
 def diffusers_pipeline_outputs():
     """A diffusers SVD UNet forward and VAE decode, as the diffusers pipeline calls them."""
     unet, vae = build_diffusers_svd_unet("tiny"), build_diffusers_svd_vae("tiny")
