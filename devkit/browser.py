@@ -27,16 +27,71 @@ def frontend_page(url: str):
             browser.close()
 
 
-def api_to_ui_workflow(page, api_prompt: dict, name: str) -> dict:
-    """Lets the frontend itself turn an API-format prompt into a UI workflow (nodes, links, widgets)."""
-    return json.loads(page.evaluate("""async ([prompt, name]) => {
+def api_to_ui_workflow(page, api_prompt: dict, name: str, note: str | None = None) -> dict:
+    """Lets the frontend itself turn an API-format prompt into a UI workflow (nodes with the prompt's
+    `_meta.title`, links, widgets), laid out in columns, with a Note left of the graph if given."""
+    return json.loads(page.evaluate("""async ([prompt, name, note]) => {
         await app.loadApiJson(prompt, name);
         app.graph.arrange?.(60);
         for (const node of app.graph.nodes)  // shared workflows reproduce their outputs: keep seeds fixed
             for (const widget of node.widgets ?? [])
                 if (widget.name === "control_after_generate") widget.value = "fixed";
-        return JSON.stringify(app.graph.serialize());  // as saved: undefined fields left out, not null
-    }""", [api_prompt, name]))
+        if (note) {
+            const left = Math.min(...app.graph.nodes.map((n) => n.pos[0]));
+            const top = Math.min(...app.graph.nodes.map((n) => n.pos[1]));
+            const node = LiteGraph.createNode("Note");
+            node.title = "Read me: which files go where";
+            node.widgets[0].value = note;
+            node.size = [420, 380];
+            node.pos = [left - 480, top];
+            app.graph.add(node);
+        }
+        const data = app.graph.serialize();
+        for (const node of data.nodes)  // every node's title saved, also where it is the node's display name
+            node.title ??= app.graph.getNodeById(node.id).title;
+        return JSON.stringify(data);  // as saved: undefined fields left out, not null
+    }""", [api_prompt, name, note]))
+
+
+def fit_graph(page) -> dict:
+    """Zooms and pans the canvas so that every node is in view (at most at 100 %, so the text stays
+    drawn); returns the graph's rectangle on the page."""
+    rect = page.evaluate("""() => {
+        const nodes = app.graph.nodes;
+        const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
+        const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+        const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+        const canvas = app.canvas.canvas, box = canvas.getBoundingClientRect();
+        const width = box.width - 140, height = box.height - 200;  // clear of the side bar and the top bar
+        const scale = Math.min(1, width / (x1 - x0), height / (y1 - y0));
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset[0] = 100 / scale - x0;
+        app.canvas.ds.offset[1] = 150 / scale - y0;
+        app.canvas.setDirty(true, true);
+        return {x: box.left + 100, y: box.top + 150, width: (x1 - x0) * scale, height: (y1 - y0) * scale};
+    }""")
+    page.evaluate("() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)))")
+    return rect
+
+
+def thumbnail(page, workflow: dict, path, width: int = 800) -> None:
+    """The workflow's graph as a JPEG `width` pixels wide (the Templates dialog shows <name>.jpg for
+    extension templates). Drawn on a large page so that the nodes' text is legible, then scaled down."""
+    import io
+
+    from PIL import Image
+
+    viewport = page.viewport_size
+    page.set_viewport_size({"width": 2600, "height": 1700})
+    try:
+        page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
+        rect = fit_graph(page)
+        png = page.screenshot(clip=rect, type="png")
+    finally:
+        page.set_viewport_size(viewport)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.save(path, "JPEG", quality=85)
 
 
 def ui_workflow_to_api(page, workflow: dict) -> dict:

@@ -1,12 +1,33 @@
-"""Inputs the demo and the end-to-end tests give a headless ComfyUI: tiny models and a start image."""
+"""Inputs the demo and the end-to-end tests give a headless ComfyUI: tiny models (also under the official
+file names the shipped example workflows load) and the example inputs."""
+import shutil
 from pathlib import Path
 
-from .model_fixtures import write_tiny_models
+from .model_fixtures import _save, build_wan, save_svd_checkpoint, save_wan_diffusion_model, save_wan_vae, write_tiny_models
 from .sprite_videos import HELD_OUT_SEEDS, sprite_video
 
 INPUT_IMAGE = "streamline_demo_input.png"
 SPRITE_CLIP = "streamline_sprites_clip.webp"  # 8 frames of 64x64, a held-out CMD clip
 SPRITE_STILL = "streamline_sprites_still.png"  # a still of another held-out clip: a content frame for generation
+START_IMAGE = "streamline_start_image.png"  # the start image of the shipped image-to-video workflows
+
+
+def save_wan_i2v_diffusion_model(path: Path, seed: int = 0) -> Path:
+    """A tiny Wan 2.1 I2V diffusion model (36 input channels, CLIP image embedding) for UNETLoader."""
+    import torch
+    return _save(build_wan("tiny", seed=seed, variant="2.1 i2v").diffusion_model.state_dict(), Path(path), torch.float16)
+
+
+# Tiny random-weight models under the names ComfyUI's own templates (and this pack's example workflows)
+# give the real files; the two Wan 2.2 A14B experts are Wan 2.1-structured DiTs.
+OFFICIAL_NAME_FIXTURES = {
+    "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors": lambda p: save_wan_diffusion_model(p, seed=0),
+    "diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": lambda p: save_wan_diffusion_model(p, seed=1),
+    "diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": lambda p: save_wan_diffusion_model(p, seed=2),
+    "diffusion_models/wan2.1_i2v_480p_14B_fp16.safetensors": lambda p: save_wan_i2v_diffusion_model(p, seed=3),
+    "vae/wan_2.1_vae.safetensors": lambda p: save_wan_vae(p, seed=0),
+    "checkpoints/svd_xt.safetensors": lambda p: save_svd_checkpoint(p, seed=0),
+}
 
 
 def write_input_image(path: Path, width: int = 64, height: int = 64) -> Path:
@@ -34,9 +55,27 @@ def write_sprite_inputs(input_dir: Path) -> None:
     _images(sprite_video(HELD_OUT_SEEDS[1]))[0].save(input_dir / SPRITE_STILL)
 
 
+def write_example_inputs(input_dir: Path) -> None:
+    """The input files of the shipped example workflows (example_workflows/input/)."""
+    if not (Path(input_dir) / START_IMAGE).exists():
+        write_input_image(Path(input_dir) / START_IMAGE, 416, 240)
+    if not (Path(input_dir) / SPRITE_CLIP).exists():
+        write_sprite_inputs(Path(input_dir))
+
+
 def prepare_base_dir(base_dir: Path) -> None:
-    """Fills a ComfyUI base folder with the tiny models and the demo inputs (kept if present)."""
+    """Fills a ComfyUI base folder with the tiny models (also under the official names) and the
+    inputs: the shipped example inputs, copied to input/ as the README tells users to (kept if present)."""
+    from .workflows import EXAMPLE_INPUTS_DIR
+
     write_tiny_models(Path(base_dir) / "models")
+    for relative, save in OFFICIAL_NAME_FIXTURES.items():
+        if not (Path(base_dir) / "models" / relative).exists():
+            save(Path(base_dir) / "models" / relative)
+    (Path(base_dir) / "input").mkdir(parents=True, exist_ok=True)
+    for source in sorted(EXAMPLE_INPUTS_DIR.glob("*")) if EXAMPLE_INPUTS_DIR.is_dir() else []:
+        if not (Path(base_dir) / "input" / source.name).exists():
+            shutil.copy(source, Path(base_dir) / "input" / source.name)
     image = Path(base_dir) / "input" / INPUT_IMAGE
     if not image.exists():
         write_input_image(image)

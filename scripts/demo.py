@@ -1,6 +1,7 @@
-"""The demo: starts a headless ComfyUI with this pack, queues the example workflows through its HTTP
-API on tiny random-weight models, and says where the outputs went."""
-import json
+"""The demo: starts a headless ComfyUI with this pack, queues the shipped example workflows
+(example_workflows/, converted to API prompts by devkit/workflows.py: text encoders and CLIP vision
+swapped for fixtures, tiny random-weight models under the official file names, small sizes) through
+its HTTP API, and says where the outputs went."""
 import logging
 import sys
 import time
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit.comfy_env import REPO_ROOT  # noqa: E402
 from devkit.comfy_server import ComfyServer  # noqa: E402
 from devkit.demo_assets import prepare_base_dir  # noqa: E402
+from devkit.workflows import NOT_ON_FIXTURES, example_names, example_prompt  # noqa: E402
 
 DEMO_DIR = REPO_ROOT / "demo_output"
 log = logging.getLogger("streamline.demo")
@@ -22,15 +24,18 @@ def main() -> int:
     failures = 0
     with ComfyServer(DEMO_DIR) as server:
         log.info("headless ComfyUI at %s (log: %s)", server.url, server.log_path)
-        for workflow in sorted((REPO_ROOT / "workflows").glob("demo_*.api.json")):
+        for name in example_names():
+            if name in NOT_ON_FIXTURES:
+                log.info("%s: not run (%s)", name, NOT_ON_FIXTURES[name])
+                continue
             started = time.monotonic()
-            result = server.run(json.loads(workflow.read_text()))
+            result = server.run(example_prompt(name))
             seconds = time.monotonic() - started
             if result.status != "success":
                 failures += 1
-                log.error("%s failed: %s", workflow.name, result.error)
+                log.error("%s failed: %s", name, result.error)
                 continue
-            log.info("%s ran in %.1f s", workflow.name, seconds)
+            log.info("%s ran in %.1f s", name, seconds)
             for path in result.files(server.output_dir):
                 log.info("  output: %s", path)
             for node_output in result.outputs.values():

@@ -1,4 +1,3 @@
-import json
 import sys
 from pathlib import Path
 
@@ -48,8 +47,27 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
-def load_workflow(name: str) -> dict:
-    return json.loads((REPO_ROOT / "workflows" / name).read_text())
+# The names of the workflows the shipped examples replaced: -> (shipped workflow, without the slicing nodes)
+LEGACY_WORKFLOWS = {
+    "demo_wan21_t2v_tiny.api.json": ("wan2.1_t2v_1.3B_sliced", True),
+    "demo_wan21_t2v_sliced_tiny.api.json": ("wan2.1_t2v_1.3B_sliced", False),
+    "demo_wan21_t2v_planned_tiny.api.json": ("wan2.1_t2v_1.3B_planner", False),
+    "demo_wan21_t2v_dualparal_tiny.api.json": ("wan2.1_t2v_1.3B_dualparal_long", False),
+    "demo_svd_img2vid_tiny.api.json": ("svd_xt_img2vid_sliced", True),
+    "demo_svd_img2vid_sliced_tiny.api.json": ("svd_xt_img2vid_sliced", False),
+    "demo_cmd_reconstruction.api.json": ("cmd_reconstruction", False),
+    "demo_cmd_generation.api.json": ("cmd_generation", False),
+}
+
+
+def load_workflow(name: str, stock: bool = False) -> dict:
+    """A shipped example workflow (example_workflows/<name>.json) as the API prompt it queues, on the
+    tiny fixture models (devkit/workflows.py); `stock=True` leaves out the slicing nodes."""
+    from devkit.workflows import example_prompt
+
+    if name in LEGACY_WORKFLOWS:
+        name, stock = LEGACY_WORKFLOWS[name]
+    return example_prompt(name, stock=stock)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -3,16 +3,20 @@ import json
 
 import pytest
 
-from conftest import REPO_ROOT, load_workflow
+from conftest import PACK_FOLDER_NAME, load_workflow
 from devkit.browser import chromium_path, frontend_page, ui_workflow_to_api
+from devkit.workflows import example_names, load_ui, ui_to_api
 
-UI_WORKFLOWS = sorted(p.name for p in (REPO_ROOT / "workflows").glob("*.ui.json"))
+EXAMPLES = example_names()
 
 
 @pytest.fixture(scope="module")
 def page(comfy_server):
     assert chromium_path(), "chromium is missing: `make setup` installs Debian's package (as root)"
     with frontend_page(comfy_server.url) as page:
+        page.console_errors = []
+        page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: page.console_errors.append(f"{e.name}: {e.message}\n{e.stack}"))
         yield page
 
 
@@ -32,15 +36,53 @@ def test_node_library_lists_memory_monitor_under_streamline(page, artifacts_dir)
     assert entry.is_visible()
 
 
-@pytest.mark.parametrize("ui_file", UI_WORKFLOWS)
-def test_ui_workflow_queues_the_same_prompt_as_its_api_twin(page, ui_file):
-    queued = ui_workflow_to_api(page, json.loads((REPO_ROOT / "workflows" / ui_file).read_text()))
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_converter_gives_what_the_frontend_queues(page, name):
+    """devkit/workflows.py's pure-Python conversion of each shipped workflow equals the frontend's."""
+    queued = ui_workflow_to_api(page, load_ui(name))
     for node in queued.values():  # the frontend's own display widget on Preview Any, ignored by the server
         if node["class_type"] == "PreviewAny":
             node["inputs"].pop("preview", None)
-    expected = load_workflow(ui_file.replace(".ui.json", ".api.json"))
+    converted = ui_to_api(load_ui(name))
     assert {k: (n["class_type"], n["inputs"]) for k, n in queued.items()} == \
-        {k: (n["class_type"], n["inputs"]) for k, n in expected.items()}
+        {k: (n["class_type"], n["inputs"]) for k, n in converted.items()}
+    for node in load_ui(name)["nodes"]:
+        if node.get("title") and str(node["id"]) in queued:
+            assert queued[str(node["id"])]["_meta"]["title"] == converted[str(node["id"])]["_meta"]["title"]
+
+
+def _pack_errors(errors: list) -> list:
+    """Console errors that come from the pack: they name it, its nodes or its scripts. The frontend's
+    own look-ups of node packs on api.comfy.org (blocked offline by its content security policy) are not
+    the pack's."""
+    return [e for e in errors if "api.comfy.org" not in e
+            and any(word in e.lower() for word in ("streamline", PACK_FOLDER_NAME.lower(), "memory_monitor"))]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_opens_from_the_templates_dialog(page, name, artifacts_dir):
+    """Templates -> search the name -> click its card (extension templates are listed by file name):
+    the graph loads with every node known, no dialog stays open (missing nodes, validation), and no
+    console error comes from the pack."""
+    page.evaluate("app.graph.clear()")
+    page.console_errors.clear()
+    page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_placeholder("Search").fill(name)
+    card = dialog.get_by_text(name, exact=True).first
+    card.wait_for(state="visible", timeout=30_000)
+    card.click()
+    expected = len(load_ui(name)["nodes"])
+    page.wait_for_function(f"app.graph.nodes.length === {expected}", timeout=30_000)
+    page.get_by_role("dialog").first.wait_for(state="detached", timeout=30_000)
+    unknown = page.evaluate("app.graph.nodes.filter((n) => !LiteGraph.registered_node_types[n.type]).map((n) => n.type)")
+    assert unknown == []
+    assert sorted(page.evaluate("app.graph.nodes.map((n) => String(n.id))")) == \
+        sorted(str(n["id"]) for n in load_ui(name)["nodes"])
+    assert page.locator(".p-dialog, [role=dialog]").count() == 0
+    assert _pack_errors(page.console_errors) == []
+    if name == "wan2.1_t2v_1.3B_sliced":
+        page.screenshot(path=str(artifacts_dir / "template_wan2.1_t2v_1.3B_sliced.png"))
 
 
 MONITOR = "app.graph._nodes.find((n) => n.type === 'StreamlineMemoryMonitor')"
@@ -130,8 +172,8 @@ def _show_monitor(page):
 def test_memory_monitor_widget_charts_the_running_prompt(page, pack, artifacts_dir):
     from test_memory_chart import recording_of
 
-    workflow = json.loads((REPO_ROOT / "workflows" / "demo_wan21_t2v_tiny.ui.json").read_text())
-    page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
+    prompt = load_workflow("wan2.1_t2v_1.3B_sliced", stock=True)  # the shipped graph on the fixtures
+    page.evaluate("async (prompt) => { await app.loadApiJson(prompt, 'wan21_t2v'); app.graph.arrange?.(60); }", prompt)
     assert page.evaluate(f"!!{MONITOR}.streamlineChart")
     page.evaluate("app.queuePrompt(0)")
     page.wait_for_function(f"{MONITOR}.streamlineChart.peaks !== null", timeout=300_000)

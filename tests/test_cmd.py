@@ -169,7 +169,7 @@ def _webp_frames(result, server, prefix) -> list:
 
 
 def test_reconstruction_workflow_runs_through_the_api(comfy_server):
-    result = comfy_server.run(load_workflow("demo_cmd_reconstruction.api.json"))
+    result = comfy_server.run(load_workflow("cmd_reconstruction"))
     assert result.status == "success", result.error
     frames = torch.from_numpy(np.stack(_webp_frames(result, comfy_server, "cmd_reconstruction")))
     assert frames.shape == (8, 64, 64, 3)
@@ -179,13 +179,13 @@ def test_reconstruction_workflow_runs_through_the_api(comfy_server):
 def test_generation_workflow_runs_through_the_api_and_a_missing_model_is_named(comfy_server):
     from devkit.comfy_server import PromptRejected
 
-    prompt = load_workflow("demo_cmd_generation.api.json")
+    prompt = load_workflow("cmd_generation")
     prompt["1"]["inputs"]["model_name"] = "cmd_missing.safetensors"
     with pytest.raises(PromptRejected) as refused:
         comfy_server.queue(prompt)
     assert "no CMD weights named 'cmd_missing.safetensors'" in json.dumps(refused.value.body["node_errors"])
     assert "scripts/train_cmd.py" in json.dumps(refused.value.body["node_errors"])
-    result = comfy_server.run(load_workflow("demo_cmd_generation.api.json"))
+    result = comfy_server.run(load_workflow("cmd_generation"))
     assert result.status == "success", result.error
     frames = _webp_frames(result, comfy_server, "cmd_generation")
     assert len(frames) == 8 and np.abs(frames[-1] - frames[0]).mean() > 1e-3

@@ -216,7 +216,7 @@ def test_dualparal_workflow_runs_through_the_api_with_two_ranks_like_one(comfy_s
     and saved, with the per-rank report; one rank in the server's own process samples the same latent."""
     from test_server_api import _frames, _saved
 
-    prompt = load_workflow("demo_wan21_t2v_dualparal_tiny.api.json")
+    prompt = load_workflow("wan2.1_t2v_1.3B_dualparal_long")
     two = comfy_server.run(prompt)
     assert two.status == "success", two.error
     videos = _saved(two, comfy_server, ".webp")
@@ -238,7 +238,7 @@ def test_interrupting_a_dualparal_prompt_stops_its_workers_and_the_next_prompt_r
     import requests
     import websocket
 
-    prompt = load_workflow("demo_wan21_t2v_dualparal_tiny.api.json")
+    prompt = load_workflow("wan2.1_t2v_1.3B_dualparal_long")
     prompt["7"]["inputs"]["steps"] = 10000
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={client_id}", timeout=120)
@@ -259,5 +259,5 @@ def test_interrupting_a_dualparal_prompt_stops_its_workers_and_the_next_prompt_r
     while _server_workers(comfy_server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _server_workers(comfy_server)
-    follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_dualparal_tiny.api.json"))
+    follow_up = comfy_server.run(load_workflow("wan2.1_t2v_1.3B_dualparal_long"))
     assert follow_up.status == "success", follow_up.error

@@ -133,11 +133,11 @@ def test_planned_workflow_runs_through_the_api_and_samples_the_stock_latent(comf
 
     from conftest import load_workflow
 
-    planned = comfy_server.run(load_workflow("demo_wan21_t2v_planned_tiny.api.json"))
+    planned = comfy_server.run(load_workflow("wan2.1_t2v_1.3B_planner"))
     assert planned.status == "success", planned.error
     plan = planned.outputs["13"]["text"][0]
     assert plan.startswith("budget ") and plan.endswith("<- fits")
-    stock = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    stock = comfy_server.run(load_workflow("wan2.1_t2v_1.3B_sliced", stock=True))
     latents = [load_file(next(p for p in r.files(comfy_server.output_dir) if p.suffix == ".latent"))["latent_tensor"]
                for r in (stock, planned)]
     assert relative_difference(latents[1], latents[0]) <= 1e-4
@@ -148,10 +148,10 @@ def test_planned_workflow_runs_through_the_api_and_samples_the_stock_latent(comf
 def test_planner_budget_that_cannot_be_met_fails_clearly_and_the_next_prompt_runs(comfy_server):
     from conftest import load_workflow
 
-    prompt = load_workflow("demo_wan21_t2v_planned_tiny.api.json")
+    prompt = load_workflow("wan2.1_t2v_1.3B_planner")
     prompt["12"]["inputs"]["budget_gib"] = 0.0001
     failed = comfy_server.run(prompt)
     assert failed.status == "error"
     message = failed.error["exception_message"]
     assert message.startswith("Memory Planner: no slicing fits") and "smallest peak reachable" in message
-    assert comfy_server.run(load_workflow("demo_wan21_t2v_planned_tiny.api.json")).status == "success"
+    assert comfy_server.run(load_workflow("wan2.1_t2v_1.3B_planner")).status == "success"

@@ -10,6 +10,7 @@ from conftest import PACK_FOLDER_NAME, load_workflow
 from devkit.comfy_server import PromptRejected
 
 PACK_NODES = {"StreamlineMemoryMonitor": "Memory Monitor"}
+WAN_T2V, SVD = "wan2.1_t2v_1.3B_sliced", "svd_xt_img2vid_sliced"  # shipped examples (run without the slicing nodes)
 
 
 def test_object_info_lists_the_pack_nodes_under_streamline(comfy_server):
@@ -44,17 +45,17 @@ def _saved(result, comfy_server, suffix):
 
 
 def test_stock_svd_img2vid_workflow_runs_to_saved_video(comfy_server):
-    prompt = load_workflow("demo_svd_img2vid_tiny.api.json")
+    prompt = load_workflow(SVD, stock=True)
     result = comfy_server.run(prompt)
     assert result.status == "success", result.error
     videos = _saved(result, comfy_server, ".webp")
     assert len(videos) == 1 and videos[0].is_file()
     assert _frames(videos[0]) == prompt["4"]["inputs"]["video_frames"]
-    assert list((comfy_server.output_dir / "streamline_demo").glob("svd_img2vid*.latent"))
+    assert list((comfy_server.output_dir / "streamline").glob("svd_img2vid*.latent"))
 
 
 def test_stock_wan21_t2v_workflow_runs_to_saved_video(comfy_server):
-    prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
+    prompt = load_workflow(WAN_T2V, stock=True)
     result = comfy_server.run(prompt)
     assert result.status == "success", result.error
     videos = _saved(result, comfy_server, ".webp")
@@ -67,7 +68,7 @@ def _reports(comfy_server, prefix):
 
 
 def test_memory_monitor_records_every_node_of_the_prompt(comfy_server):
-    prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
+    prompt = load_workflow(WAN_T2V, stock=True)
     prompt["9"]["inputs"]["report_prefix"] = "api_report_check"
     prompt["7"]["inputs"]["seed"] = 1234  # not cached from an earlier test: sampling and all after it run
     result = comfy_server.run(prompt)
@@ -91,21 +92,21 @@ def test_memory_monitor_records_every_node_of_the_prompt(comfy_server):
 
 
 def test_memory_monitor_reports_a_failed_prompt_and_prompts_without_it_are_not_recorded(comfy_server):
-    prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
+    prompt = load_workflow(WAN_T2V, stock=True)
     prompt["9"]["inputs"]["report_prefix"] = "failed_prompt"
     prompt["3"]["inputs"]["width"] = 8  # fails in KSampler
     assert comfy_server.run(prompt).status == "error"
     report = json.loads(_reports(comfy_server, "failed_prompt")[0].read_text())
     assert "KSampler" in report["steps"][-1]["label"] and report["steps"][-1]["finished"] is not None
     before = set((comfy_server.output_dir / "streamline_memory").iterdir())
-    without = {k: v for k, v in load_workflow("demo_wan21_t2v_tiny.api.json").items() if k != "9"}
+    without = {k: v for k, v in load_workflow(WAN_T2V, stock=True).items() if k != "9"}
     without["10"]["inputs"]["images"] = ["8", 0]
     assert comfy_server.run(without).status == "success"
     assert set((comfy_server.output_dir / "streamline_memory").iterdir()) == before
 
 
 def test_malformed_prompt_is_a_validation_error_and_the_server_keeps_serving(comfy_server):
-    prompt = copy.deepcopy(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    prompt = copy.deepcopy(load_workflow(WAN_T2V, stock=True))
     del prompt["7"]["inputs"]["model"]
     with pytest.raises(PromptRejected) as rejected:
         comfy_server.queue(prompt)
@@ -117,15 +118,15 @@ def test_malformed_prompt_is_a_validation_error_and_the_server_keeps_serving(com
     error = unknown.value.body["error"]
     assert error["type"] in ("invalid_prompt", "missing_node_type")  # ComfyUI 0.3.75 / 0.33
     assert "NoSuchNode" in error["message"] + json.dumps(error["extra_info"])
-    follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    follow_up = comfy_server.run(load_workflow(WAN_T2V, stock=True))
     assert follow_up.status == "success"
 
 
 def test_a_prompt_failing_mid_execution_reports_its_error_and_the_next_one_runs(comfy_server):
-    prompt = load_workflow("demo_wan21_t2v_tiny.api.json")
+    prompt = load_workflow(WAN_T2V, stock=True)
     prompt["3"]["inputs"]["width"] = 8  # Wan's text embedding takes 4096-wide conditioning
     result = comfy_server.run(prompt)
     assert result.status == "error"
     assert result.error["node_type"] == "KSampler"
-    follow_up = comfy_server.run(load_workflow("demo_wan21_t2v_tiny.api.json"))
+    follow_up = comfy_server.run(load_workflow(WAN_T2V, stock=True))
     assert follow_up.status == "success", follow_up.error

@@ -7,18 +7,17 @@ from safetensors.torch import load_file
 
 from conftest import load_workflow
 
-SLICING_NODES = ("11", "12", "13")
+SVD, WAN_T2V = "svd_xt_img2vid_sliced", "wan2.1_t2v_1.3B_sliced"  # the shipped examples
 
 
-def stock_twin(prompt: dict) -> dict:
-    """The same workflow with the slicing nodes bypassed (their inputs wired straight through)."""
-    twin = {k: v for k, v in prompt.items() if k not in SLICING_NODES}
-    twin["6"]["inputs"]["model"] = prompt["11"]["inputs"]["model"]
-    twin["7"]["inputs"]["vae"] = prompt["13"]["inputs"]["vae"]
-    for node in twin.values():
+def with_saved_frames(prompt: dict, prefix: str) -> dict:
+    """The prompt with its decoded frames also saved as PNG, and its own output names."""
+    decode = next(k for k, n in prompt.items() if n["class_type"] == "VAEDecode")
+    for node in prompt.values():
         if "filename_prefix" in node["inputs"]:
-            node["inputs"]["filename_prefix"] += "_stock"
-    return twin
+            node["inputs"]["filename_prefix"] += f"_{prefix}"
+    prompt["90"] = {"class_type": "SaveImage", "inputs": {"images": [decode, 0], "filename_prefix": prefix}}
+    return prompt
 
 
 def outputs(result, comfy_server):
@@ -37,10 +36,12 @@ def test_object_info_lists_the_slicing_nodes(comfy_server):
 
 
 def test_sliced_svd_workflow_matches_the_same_workflow_without_the_nodes(comfy_server):
-    prompt = load_workflow("demo_svd_img2vid_sliced_tiny.api.json")
+    prompt = with_saved_frames(load_workflow(SVD), "svd_sliced")
+    assert {"StreamlineFeatureSlicer", "StreamlineOperatorGrouper", "StreamlineVAESlicer"} <= \
+        {n["class_type"] for n in prompt.values()}
     sliced = comfy_server.run(prompt)
     assert sliced.status == "success", sliced.error
-    stock = comfy_server.run(stock_twin(load_workflow("demo_svd_img2vid_sliced_tiny.api.json")))
+    stock = comfy_server.run(with_saved_frames(load_workflow(SVD, stock=True), "svd_stock"))
     assert stock.status == "success", stock.error
 
     sliced_latent, sliced_frames = outputs(sliced, comfy_server)
@@ -55,7 +56,7 @@ def test_sliced_svd_workflow_matches_the_same_workflow_without_the_nodes(comfy_s
 def test_negative_chunks_are_rejected_by_prompt_validation(comfy_server):
     from devkit.comfy_server import PromptRejected
 
-    prompt = load_workflow("demo_svd_img2vid_sliced_tiny.api.json")
+    prompt = load_workflow(SVD)
     prompt["11"]["inputs"]["frame_chunks"] = -2
     with pytest.raises(PromptRejected) as rejected:
         comfy_server.queue(prompt)
@@ -63,27 +64,20 @@ def test_negative_chunks_are_rejected_by_prompt_validation(comfy_server):
 
 
 def test_vae_slicer_on_an_unsupported_vae_fails_clearly_and_the_next_prompt_runs(comfy_server):
-    wan = load_workflow("demo_wan21_t2v_sliced_tiny.api.json")
+    wan = load_workflow(WAN_T2V)
     wan["2"]["inputs"]["vae_name"] = "streamline_taesd_image_vae.safetensors"
     failed = comfy_server.run(wan)
     assert failed.status == "error"
     assert "VAE Slicer: TAESD has no video blocks that Streamline can slice" in failed.error["exception_message"]
     assert "Traceback" not in failed.error["exception_message"]
-    assert comfy_server.run(load_workflow("demo_svd_img2vid_tiny.api.json")).status == "success"
+    assert comfy_server.run(load_workflow(SVD, stock=True)).status == "success"
 
 
 def test_sliced_wan_workflow_matches_the_same_workflow_without_the_nodes(comfy_server):
     """Feature Slicer + Operator Grouper on the Wan DiT and the VAE Slicer on the Wan VAE: the sampled
     latent and the decoded frames equal the workflow's without the three nodes."""
-    prompt = load_workflow("demo_wan21_t2v_sliced_tiny.api.json")
-    twin = {k: v for k, v in load_workflow("demo_wan21_t2v_sliced_tiny.api.json").items() if k not in ("12", "13", "14")}
-    twin["7"]["inputs"]["model"] = prompt["12"]["inputs"]["model"]
-    twin["8"]["inputs"]["vae"] = prompt["14"]["inputs"]["vae"]
-    for workflow, prefix in [(prompt, "wan_sliced"), (twin, "wan_stock")]:
-        workflow["90"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}}
-        for node in workflow.values():
-            if "filename_prefix" in node["inputs"] and node["class_type"] != "SaveImage":
-                node["inputs"]["filename_prefix"] += f"_{prefix}"
+    prompt = with_saved_frames(load_workflow(WAN_T2V), "wan_sliced")
+    twin = with_saved_frames(load_workflow(WAN_T2V, stock=True), "wan_stock")
     sliced, stock = comfy_server.run(prompt), comfy_server.run(twin)
     assert stock.status == "success" and sliced.status == "success", sliced.error
     (stock_latent, stock_frames), (sliced_latent, sliced_frames) = outputs(stock, comfy_server), outputs(sliced, comfy_server)

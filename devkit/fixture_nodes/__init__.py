@@ -31,13 +31,15 @@ class TinyCLIPVision:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})},
+                # 1280 for Wan 2.1 I2V, whose image embedding reads ViT-H's penultimate hidden states
+                "optional": {"hidden_size": ("INT", {"default": 64, "min": 8, "max": 1280, "step": 8})}}
 
-    def load(self, seed):
+    def load(self, seed, hidden_size=64):
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(TINY_CLIP_VISION, f)
+            json.dump({**TINY_CLIP_VISION, "hidden_size": hidden_size}, f)
         clip_vision = comfy.clip_vision.ClipVisionModel(f.name)
-        generator = _seeded_generator("clip_vision", seed)
+        generator = _seeded_generator("clip_vision", seed, *([hidden_size] if hidden_size != 64 else []))
         with torch.no_grad():
             for param in clip_vision.model.parameters():
                 values = torch.randn(param.shape, generator=generator)
