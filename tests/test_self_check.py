@@ -63,6 +63,28 @@ def break_replacements(monkeypatch, self_check, broken):
                         checked(module, breaking(make, base), settings, base))
 
 
+def fail_first_call(monkeypatch, self_check, path, error):
+    """The replacements made for `path` raise `error()` on the first call of any of them (the probe's),
+    then work."""
+    checked, calls = self_check.checked, []
+
+    def failing_once(replacement):
+        def forward(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise error()
+            return replacement(*args, **kwargs)
+        forward.__qualname__ = replacement.__qualname__
+        return forward
+
+    def making(make, base):
+        return lambda module, settings: {key: failing_once(value) if base + key == path else value
+                                         for key, value in make(module, settings).items()}
+
+    monkeypatch.setattr(self_check, "checked", lambda module, make, settings, base="":
+                        checked(module, making(make, base), settings, base))
+
+
 def outcomes(self_check, since) -> dict:
     return {r.path: r.outcome for r in self_check.results(since)}
 
@@ -95,6 +117,55 @@ def test_a_broken_wan_block_runs_stock_and_the_log_names_it(self_check, wan_mode
                                            "diffusion_model.blocks.1": self_check.FELL_BACK}
     assert_warned(caplog, "WanAttentionBlock at diffusion_model.blocks.1 (forward)")
     assert len(self_check.results(since)) == 2  # checked once, on the first call only
+
+
+def test_out_of_memory_during_a_probe_leaves_the_block_sliced_and_unchecked(self_check, wan_model, monkeypatch,
+                                                                            caplog):
+    """Running out of memory says nothing of the replacement (and stock would not fit): no fallback."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer
+
+    stock = wan_forward(wan_model, 5, 6, 10)
+    fail_first_call(monkeypatch, self_check, "diffusion_model.blocks.1.forward",
+                    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    since = self_check.mark()
+    with caplog.at_level(logging.WARNING):
+        out = wan_forward(node_output(FeatureSlicer, wan_model, 3, 0), 5, 6, 10)
+    assert relative_difference(out, stock) <= TOLERANCE
+    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.PASSED,
+                                           "diffusion_model.blocks.1": self_check.NOT_CHECKED}
+    assert any("blocks.1" in r.getMessage() and "out of memory" in r.getMessage() and "unchecked" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_an_interrupt_during_a_probe_stops_the_prompt_and_the_next_call_checks(self_check, wan_model, monkeypatch):
+    """The host's interrupt (Cancel) is not taken for a broken replacement: it passes through the probe."""
+    from comfy.model_management import InterruptProcessingException
+    from comfyui_streamline.nodes.slicing import FeatureSlicer
+
+    stock = wan_forward(wan_model, 5, 6, 10)
+    fail_first_call(monkeypatch, self_check, "diffusion_model.blocks.0.forward", InterruptProcessingException)
+    since = self_check.mark()
+    sliced = node_output(FeatureSlicer, wan_model, 3, 0)
+    with pytest.raises(InterruptProcessingException):
+        wan_forward(sliced, 5, 6, 10)
+    assert self_check.results(since) == []
+    assert relative_difference(wan_forward(sliced, 5, 6, 10), stock) <= TOLERANCE
+    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.PASSED,
+                                           "diffusion_model.blocks.1": self_check.PASSED}
+
+
+def test_a_block_with_active_dropout_is_not_compared(self_check, caplog):
+    """Two runs of a block with dropout in training mode differ by design: not checked, not a fallback."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer
+
+    model = patcher(build_wan("tiny"))
+    model.model.diffusion_model.blocks[0].register_module("dropout", torch.nn.Dropout(0.1).train())
+    since = self_check.mark()
+    with caplog.at_level(logging.WARNING):
+        wan_forward(node_output(FeatureSlicer, model, 3, 0), 5, 6, 10)
+    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.NOT_CHECKED,
+                                           "diffusion_model.blocks.1": self_check.PASSED}
+    assert any("dropout is active" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 @pytest.mark.parametrize("install", ["apply_slicing", "slicing_applied"])
@@ -155,6 +226,26 @@ def test_broken_svd_unet_blocks_run_stock_and_sampling_gives_the_stock_latent(se
     assert results and set(results.values()) == {self_check.PASSED}  # every other block passed
     assert_warned(caplog, "UNetModel at diffusion_model (forward)")
     assert_warned(caplog, "SpatialVideoTransformer at diffusion_model.input_blocks.1.1 (forward)")
+
+
+def test_one_broken_svd_unet_block_is_found_by_its_own_probe(self_check, svd_model, monkeypatch, caplog):
+    """The whole UNet's probe (every block sliced) differs from stock, so each part is checked on its
+    own: the UNet's own patch group passes, the broken block alone runs stock and is named."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    stock = sample(svd_model, frames=6)
+    broken = "diffusion_model.middle_block.0"
+    break_replacements(monkeypatch, self_check, lambda path: path == broken + ".forward")
+    since = self_check.mark()
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 2, 2))
+    with caplog.at_level(logging.WARNING):
+        assert relative_difference(sample(sliced, frames=6), stock) <= SAMPLING_TOLERANCE
+    results = outcomes(self_check, since)
+    assert results.pop(broken) == self_check.FELL_BACK
+    assert results.pop("diffusion_model") == self_check.PASSED
+    assert results and set(results.values()) == {self_check.PASSED}
+    assert_warned(caplog, f"VideoResBlock at {broken} (forward)")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "UNetModel" in r.getMessage()]
 
 
 @pytest.mark.parametrize("group_ops, broken", [(True, "decoder.forward"), (False, "decoder.up.1.block.0.forward")])
@@ -281,7 +372,12 @@ def test_correct_replacements_pass_their_probe_with_no_warning_and_unchanged_out
         settings = SliceSettings(2, 3, "grouped" in family)
     with torch.inference_mode():
         results = check_outputs_unchanged(self_check, caplog, model, settings, run)
-    assert all(r.seconds > 0 for r in results)
+    if family == "SVD UNet":  # one probe of the whole UNet, its blocks sliced inside it
+        probed = [r for r in results if r.seconds > 0]
+        assert [r.block for r in probed] == ["UNetModel"] and "sliced blocks inside it" in probed[0].detail
+        assert len(results) > 10 and all("checked with UNetModel" in r.detail for r in results if r.seconds == 0)
+    else:
+        assert all(r.seconds > 0 for r in results)
 
 
 def test_the_probe_never_runs_stock_on_the_full_input(self_check, wan_model):

@@ -190,6 +190,7 @@ def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") 
                     # a parent's rule may already have patched this module, coordinated with itself
                     patches.setdefault(base + key, value)
                 break
+    self_check.link_groups(patches.values())
     return patches
 
 

@@ -12,9 +12,13 @@ beyond it, the stock forward does, and a warning naming the block (class and pat
 version goes to the log and to the listeners (the nodes put it on the slicing node and in the
 Memory Monitor's report): a broken replacement costs memory, never silently wrong output.
 
-While a probe runs, every other checked module inside it runs stock (or, for the parts of one patch
-group such as the SVD UNet's skip fusion, the probe's own companion), so each check compares one
-replacement against the host's code alone.
+A whole-model patch group (the SVD UNet: its skip fusion and head, Probe.group) is checked in one
+probe with every checked block inside it sliced as well. Only where that differs from stock is each
+part checked on its own: then every other checked module inside a probe runs stock (or, for the
+parts of one patch group, the probe's own companion), so each check compares one replacement
+against the host's code alone and the warning names the block that differs. A probe that runs out
+of memory, or finds dropout active, leaves its block sliced and unchecked (with a warning); the
+host's interrupt passes through.
 
 What a probe of each block is comes from PROBES, keyed like the block table's rows
 (registry.FAMILIES) by the maker of the sliced forward; a maker marked UNCHECKED runs unchecked
@@ -46,11 +50,13 @@ LOW_PRECISION_TOLERANCE = 1e-2
 
 SPATIAL_SHARE = 16  # a probe keeps about 1/16 of each spatial axis (1/256 of the positions) ...
 MIN_SIDE = 2  # ... but at least 2 positions, so strips and bands have a border to cross
-UNET_MIN_SIDE = 4  # the whole SVD UNet's probe: still 1 position after its three downsamplings
-FRAME_LOCAL_FRAMES = 3  # frames of a frame-local module's probe (3 chunks of 1)
+# the whole SVD UNet's probe (its blocks sliced too) keeps at least 4 x 16 latents: after its three
+# downsamplings still 2 positions wide, so the deepest blocks' strips and bands have a border to cross
+UNET_MIN_SIDES = (4, 16)
+FRAME_LOCAL_FRAMES = 3  # frames of a frame-local module's probe (chunks of 2 and 1)
 VIDEO_FRAMES = 5  # latent frames of a video decoder's probe: the Wan VAE's first frame and two runs
 PROBE_TOKENS = 256  # tokens of a DiT block's probe (per-frame modulation: 2 frames of 128)
-PROBE_CHUNKS = 3  # frame / token chunks and strips / bands of a probe (fewer where an axis is shorter)
+PROBE_CHUNKS = 2  # frame / token chunks and strips / bands of a probe: a border each (fewer where an axis is shorter)
 
 PASSED, FELL_BACK, UNCHECKED, NOT_CHECKED = "passed", "fell back to stock", "unchecked", "not checked"
 
@@ -211,9 +217,11 @@ def _side(length: int, minimum: int = MIN_SIDE) -> int:
     return min(length, max(minimum, -(-length // SPATIAL_SHARE)))
 
 
-def _crop(x: torch.Tensor, dims: tuple, minimum: int = MIN_SIDE) -> torch.Tensor:
-    for dim in dims:
-        x = x.narrow(dim, 0, _side(x.shape[dim], minimum))
+def _crop(x: torch.Tensor, dims: tuple, minimum=MIN_SIDE) -> torch.Tensor:
+    """`minimum`: the least positions kept, for all `dims` or one per dim."""
+    minimums = minimum if isinstance(minimum, tuple) else (minimum,) * len(dims)
+    for dim, least in zip(dims, minimums):
+        x = x.narrow(dim, 0, _side(x.shape[dim], least))
     return x
 
 
@@ -231,7 +239,7 @@ def _own_options(call: Call, drop=()) -> None:
         call.set("transformer_options", {k: v for k, v in options.items() if k not in drop})
 
 
-def _first_video(call: Call, x_name: str, frames: int, side: tuple, minimum: int = MIN_SIDE) -> Optional[Call]:
+def _first_video(call: Call, x_name: str, frames: int, side: tuple, minimum=MIN_SIDE) -> Optional[Call]:
     """The first video (its `frames` rows of the batch*frames axis), all its frames, a small spatial crop."""
     x = call.get(x_name)
     batch = x.shape[0]
@@ -278,12 +286,12 @@ def frame_local(owner, call):
 
 
 def svd_unet(owner, call):
-    """The whole SVD UNet (its skip fusion and head): the first video, all frames, a small crop."""
+    """The whole SVD UNet (its skip fusion and head, and its blocks): the first video, all frames, a small crop."""
     if call.get("control") is not None:  # ControlNet residuals are full-size: check on a later call
         return None
     x = call.get("x")
     return _first_video(call, "x", call.get("num_video_frames") or x.shape[0],
-                        ("timesteps", "context", "y", "time_context"), UNET_MIN_SIDE)
+                        ("timesteps", "context", "y", "time_context"), UNET_MIN_SIDES)
 
 
 def _few_frames(call: Call, x_name: str, frames: Optional[int], time_dim: Optional[int] = None) -> tuple:
@@ -323,7 +331,7 @@ def svd_decoder_block(x_name: str) -> Callable:
 
 def wan_vae(owner, call):
     """WanVAE.decode(z): the first sample, 5 latent frames (the first alone and two runs of two), a
-    crop at least 4 latents wide each way (three strips with halos)."""
+    crop at least 4 latents wide each way (two strips with halos)."""
     return _few_frames(call, "z", None, time_dim=2)[0]
 
 
@@ -378,7 +386,9 @@ def wan_block(owner, call):
 class Probe:
     """`cut(owner, call)` turns the real call (a Call bound to stock's signature) into the probe's,
     or returns None where this call cannot be cut (checked on a later call). `group`: the maker's
-    other patches are this one's companions (checked with it, running as it is decided)."""
+    other patches are this one's companions (checked with it, running as it is decided), and the
+    checked blocks inside its module are its members: its first probe runs them all sliced, so one
+    probe checks the whole model; only where that differs from stock does each block get its own."""
     cut: Callable
     group: bool = False
 
@@ -498,6 +508,21 @@ class _StockFailed(Exception):
     pass
 
 
+def _out_of_memory(error: Exception) -> bool:
+    message = str(error).lower()
+    return (isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message
+            or "can't allocate memory" in message)
+
+
+def _passes_through(error: Exception) -> bool:
+    """Exceptions a probe must not swallow: the host's interrupt (the user pressed Cancel)."""
+    return type(error).__name__ == "InterruptProcessingException"
+
+
+def _dropout_active(module: nn.Module) -> bool:
+    return any(m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
 @contextmanager
 def _probing(overrides: dict):
     previous = getattr(_local, "overrides", None)
@@ -549,8 +574,13 @@ class Checker:
         self.host = host_version(self.owner)
         self.leader: Optional[Checker] = None
         self.companions: list = []
+        self.members: list = []
         self.result: Optional[CheckResult] = None
         self._run: Optional[Callable] = None
+
+    @property
+    def where(self) -> str:
+        return f"{type(self.owner).__name__} at {self.path or '<model>'} ({self.attribute})"
 
     def __repr__(self):
         return f"<Streamline checked {self.maker} of {type(self.owner).__name__} at {self.path or '<model>'}>"
@@ -591,48 +621,82 @@ class Checker:
         fake = _unreal(args, kwargs)
         if fake and not _force_fake[0]:
             return None
+        if _dropout_active(self.owner):
+            return _record(self, NOT_CHECKED, "dropout is active (training mode): two runs cannot be compared")
         started = time.perf_counter()
-        try:
-            outputs = self.probe_outputs(args, kwargs)
-        except _StockFailed as failure:
-            return _record(self, NOT_CHECKED, f"the stock {self.attribute} failed on the probe: {failure}",
-                           time.perf_counter() - started)
-        if outputs is None:
+        if self.members:
+            outcome, detail = self._probe(args, kwargs, fake, self.members)
+            if outcome is None:
+                return None
+            if outcome == PASSED:
+                result = _record(self, PASSED, f"{detail}; with the {len(self.members)} sliced blocks inside it",
+                                 time.perf_counter() - started)
+                for member in self.members:
+                    member.result = _record(member, PASSED, f"checked with {self.where}")
+                    member._run = member.sliced
+                return result
+            log.debug("Streamline self-check: %s with its blocks sliced: %s; checking each block on its own",
+                      self.where, detail)
+        outcome, detail = self._probe(args, kwargs, fake, ())
+        if outcome is None:
             return None
-        stock, sliced, error = outputs
-        if error is not None:
-            outcome, detail = FELL_BACK, f"the sliced {self.attribute} raised {type(error).__name__}: {error}"
-        elif fake:
-            outcome, detail = PASSED, "fake tensors: run, not compared"
-        else:
-            convolutions = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.owner.modules())
-            matches, detail = compare(stock, sliced, convolutions)
-            outcome = PASSED if matches else FELL_BACK
-        del stock, sliced
         return _record(self, outcome, detail, time.perf_counter() - started)
 
-    def probe_outputs(self, args, kwargs) -> Optional[tuple]:
+    def _probe(self, args, kwargs, fake: bool, members) -> tuple:
+        """(outcome, detail) of a probe with `members` sliced too, or (None, None) where this call
+        cannot be cut."""
+        try:
+            outputs = self.probe_outputs(args, kwargs, members)
+        except _StockFailed as failure:
+            return NOT_CHECKED, f"the stock {self.attribute} failed on the probe: {failure}"
+        if outputs is None:
+            return None, None
+        stock, sliced, error = outputs
+        if error is not None and _out_of_memory(error):  # says nothing of the replacement; stock would not fit
+            return NOT_CHECKED, f"out of memory during the probe ({type(error).__name__})"
+        if error is not None:
+            return FELL_BACK, f"the sliced {self.attribute} raised {type(error).__name__}: {error}"
+        if fake:
+            return PASSED, "fake tensors: run, not compared"
+        convolutions = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.owner.modules())
+        matches, detail = compare(stock, sliced, convolutions)
+        return (PASSED if matches else FELL_BACK), detail
+
+    def probe_outputs(self, args, kwargs, members=()) -> Optional[tuple]:
         """(stock output, sliced output or None, the sliced forward's exception or None) on the probe
-        cut from this call, or None where this call cannot be cut. Raises _StockFailed when stock fails."""
+        cut from this call, with the companions and `members` sliced as well, or None where this call
+        cannot be cut. Raises _StockFailed when stock fails."""
         try:
             call = self.probe.cut(self.owner, Call(inspect.signature(self.stock), args, kwargs))
         except Exception as error:
             raise _StockFailed(f"cutting the probe raised {type(error).__name__}: {error}") from None
         if call is None:
             return None
-        made = self.make(self.module, ProbeSettings.of(self.settings))
-        sliced = made[self.key]
-        overrides = {companion: made[companion.key] for companion in self.companions if companion.key in made}
+        made = {}
+
+        def probe_forward(checker):
+            patches = made.get((id(checker.module), checker.make))
+            if patches is None:
+                patches = made[id(checker.module), checker.make] = checker.make(
+                    checker.module, ProbeSettings.of(checker.settings))
+            return patches.get(checker.key)
+        sliced = probe_forward(self)
+        overrides = {c: probe_forward(c) for c in (*self.companions, *members)}
+        overrides = {c: forward for c, forward in overrides.items() if forward is not None}
         with torch.no_grad():
             with _probing({}):
                 try:
                     expected = call.copy().run(self.stock)
                 except Exception as error:
+                    if _passes_through(error):
+                        raise
                     raise _StockFailed(f"{type(error).__name__}: {error}") from None
             with _probing(overrides):
                 try:
                     return expected, call.copy().run(sliced), None
                 except Exception as error:
+                    if _passes_through(error):
+                        raise
                     return expected, None, error
 
 
@@ -648,3 +712,12 @@ def checked(module: nn.Module, make: Callable, settings: SliceSettings, base: st
                 checker.leader = leader
                 leader.companions.append(checker)
     return checkers
+
+
+def link_groups(checkers) -> None:
+    """Makes every checker of a patched model whose module lies inside a group leader's module (its
+    companions aside) a member of that leader (see Probe.group)."""
+    checkers = list(checkers)
+    for leader in [c for c in checkers if c.probe is not None and c.probe.group]:
+        inside = {id(m) for m in leader.owner.modules()}
+        leader.members = [c for c in checkers if c is not leader and c.leader is None and id(c.owner) in inside]
