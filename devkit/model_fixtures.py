@@ -202,9 +202,10 @@ def save_svd_checkpoint(path: Path, size: str = "tiny", dtype=torch.float16, see
     return _save(state, Path(path), dtype)
 
 
-def save_wan_diffusion_model(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0) -> Path:
-    """A Wan 2.1 T2V diffusion model for UNETLoader (models/diffusion_models/)."""
-    return _save(build_wan(size, seed=seed).diffusion_model.state_dict(), Path(path), dtype)
+def save_wan_diffusion_model(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0,
+                             variant: str = "2.1 t2v") -> Path:
+    """A Wan diffusion model for UNETLoader (models/diffusion_models/)."""
+    return _save(build_wan(size, seed=seed, variant=variant).diffusion_model.state_dict(), Path(path), dtype)
 
 
 def save_wan_vae(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0) -> Path:

@@ -10,9 +10,10 @@ every shipped workflow.
 `for_fixtures` changes only what a CPU with tiny random-weight models needs:
 - text encoders: CLIPLoader + CLIPTextEncode -> Text Embedding (fixture) with the same text (umt5-xxl
   has no small config ComfyUI loads); CLIP vision: CLIPVisionLoader, or the CLIP_VISION output of
-  ImageOnlyCheckpointLoader (the tiny SVD checkpoint carries none) -> Tiny CLIP Vision (fixture).
-  The diffusion models, VAEs and checkpoints keep their official names: devkit/demo_assets.py saves
-  tiny models under those names in the base folder, so those loaders are not swapped;
+  ImageOnlyCheckpointLoader (the tiny SVD checkpoint carries none) -> Tiny CLIP Vision (fixture);
+  the Wan 2.2 VAE (ComfyUI builds it at full size only, 699 M parameters) -> Tiny Wan 2.2 VAE (fixture).
+  The other diffusion models, VAEs and checkpoints keep their official names: devkit/demo_assets.py
+  saves tiny models under those names in the base folder, so those loaders are not swapped;
 - FIXTURE_PROFILE: smaller frames, fewer frames and steps, DualParal on two CPU ranks, explicit chunk
   counts where "auto" would be a single chunk at the small size.
 Everything else (nodes, links, the other widget values) is the shipped graph.
@@ -32,6 +33,7 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 FRONTEND_ONLY_WIDGETS = {"upload", "preview"}  # LoadImage's upload button, Preview Any's display
 
 WAN_TEXT_WIDTH = 4096
+WAN22_VAE = "wan2.2_vae.safetensors"
 WAN_I2V_CLIP_VISION_WIDTH = 1280  # Wan's image embedding reads ViT-H's penultimate hidden states
 
 # Per shipped workflow: node id -> inputs changed for the tiny models on a CPU.
@@ -45,11 +47,11 @@ FIXTURE_PROFILE = {
                                "27": {"steps": 4, "start_at_step": 2}, "14": {"strip_chunks": 2}},
     "svd_xt_img2vid_sliced": {"4": {"width": 64, "height": 64, "video_frames": 14}, "6": {"steps": 2},
                               "11": {"frame_chunks": 4, "strip_chunks": 3}},
+    "wan2.2_ti2v_5B_sliced": {"6": {"width": 64, "height": 64, "length": 9}, "7": {"steps": 3},
+                              "12": {"frame_chunks": 2}, "14": {"strip_chunks": 2}},
     "cmd_reconstruction": {},
     "cmd_generation": {},
 }
-# Shipped but not run on fixtures: no small Wan 2.2 VAE (48 channels, 16x) is detected by ComfyUI.
-NOT_ON_FIXTURES = {"wan2.2_ti2v_5B_sliced": "ComfyUI detects no small Wan 2.2 VAE (wan2.2_vae.safetensors)"}
 
 
 def example_names() -> list[str]:
@@ -147,8 +149,6 @@ def _next_id(prompt: dict) -> str:
 
 def for_fixtures(prompt: dict, name: str) -> dict:
     """The shipped prompt on the tiny fixture models (see the module docstring)."""
-    if name in NOT_ON_FIXTURES:
-        raise ValueError(f"{name} does not run on fixtures: {NOT_ON_FIXTURES[name]}")
     prompt = swap_encoders(prompt)
     for node_id, changes in FIXTURE_PROFILE[name].items():
         prompt[node_id]["inputs"].update(changes)
@@ -156,7 +156,7 @@ def for_fixtures(prompt: dict, name: str) -> dict:
 
 
 def swap_encoders(prompt: dict) -> dict:
-    """Text encoders and CLIP vision -> the fixture nodes (see the module docstring)."""
+    """Text encoders, CLIP vision and the Wan 2.2 VAE -> the fixture nodes (see the module docstring)."""
     prompt = copy.deepcopy(prompt)
     i2v = any(n["class_type"] == "WanImageToVideo" for n in prompt.values())
     for node_id, node in list(prompt.items()):
@@ -168,6 +168,9 @@ def swap_encoders(prompt: dict) -> dict:
             inputs = {"seed": 0, **({"hidden_size": WAN_I2V_CLIP_VISION_WIDTH} if i2v else {})}
             prompt[node_id] = {"class_type": "StreamlineFixtureTinyCLIPVision", "_meta": node["_meta"],
                                "inputs": inputs}
+        elif kind == "VAELoader" and node["inputs"]["vae_name"] == WAN22_VAE:
+            prompt[node_id] = {"class_type": "StreamlineFixtureTinyWan22VAE", "_meta": node["_meta"],
+                               "inputs": {"seed": 0}}
         elif kind == "ImageOnlyCheckpointLoader" and list(consumers(prompt, node_id, 1)):
             clip_vision = _next_id(prompt)
             prompt[clip_vision] = {"class_type": "StreamlineFixtureTinyCLIPVision", "inputs": {"seed": 0},

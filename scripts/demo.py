@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit.comfy_env import REPO_ROOT  # noqa: E402
 from devkit.comfy_server import ComfyServer  # noqa: E402
 from devkit.demo_assets import prepare_base_dir  # noqa: E402
-from devkit.workflows import NOT_ON_FIXTURES, example_names, example_prompt  # noqa: E402
+from devkit.workflows import example_names, example_prompt  # noqa: E402
 
 DEMO_DIR = REPO_ROOT / "demo_output"
 log = logging.getLogger("streamline.demo")
@@ -25,9 +25,6 @@ def main() -> int:
     with ComfyServer(DEMO_DIR) as server:
         log.info("headless ComfyUI at %s (log: %s)", server.url, server.log_path)
         for name in example_names():
-            if name in NOT_ON_FIXTURES:
-                log.info("%s: not run (%s)", name, NOT_ON_FIXTURES[name])
-                continue
             started = time.monotonic()
             result = server.run(example_prompt(name))
             seconds = time.monotonic() - started

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from conftest import PACK_FOLDER_NAME, REPO_ROOT
-from devkit.workflows import API_DIR, EXAMPLES_DIR, NOT_ON_FIXTURES, example_names, load_ui, ui_to_api
+from devkit.workflows import API_DIR, EXAMPLES_DIR, example_names, load_ui, ui_to_api
 
 NAMES = example_names()
 # The model files under the names ComfyUI's own templates (comfyui-workflow-templates) give them.
@@ -81,7 +81,7 @@ def test_every_pack_node_is_in_an_example_and_comfyui_serves_them(comfy_server):
         assert requests.get(f"{base}.jpg", timeout=10).headers["Content-Type"] == "image/jpeg"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in NOT_ON_FIXTURES])
+@pytest.mark.parametrize("name", NAMES)
 def test_shipped_workflow_runs_on_the_fixtures(comfy_server, name):
     from conftest import load_workflow
 

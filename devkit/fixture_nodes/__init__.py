@@ -1,5 +1,5 @@
 """Fixture nodes for tests and the demo: stand-ins for encoders whose ComfyUI configs are fixed at full
-size (umt5-xxl for Wan, ViT-H CLIP vision for SVD), so stock workflows run on a CPU with tiny models,
+size (umt5-xxl for Wan, ViT-H CLIP vision for SVD, the Wan 2.2 VAE), so stock workflows run on a CPU with tiny models,
 and a host patch that no slicing can match (the self-check's end-to-end test).
 Loaded next to the product by the harness only; never part of a user's install."""
 import hashlib
@@ -67,6 +67,45 @@ class TextEmbedding:
         return ([[embedding, {}]],)
 
 
+class TinyWan22VAE:
+    """The Wan 2.2 VAE (TI2V-5B: 48 latent channels, 16x16) as ComfyUI's own VAE object, built by
+    ComfyUI's detection from a state dict, with a tiny width and seeded weights: ComfyUI builds this VAE
+    at full size only (699 M parameters), so no small file loads through VAELoader."""
+    CATEGORY = "Streamline fixtures"
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def load(self, seed):
+        import comfy.ldm.wan.vae2_2
+        import comfy.sd
+
+        full_size = comfy.ldm.wan.vae2_2.WanVAE
+
+        def tiny(**config):
+            return full_size(**{**config, "dim": 16, "dec_dim": 16})
+        generator = _seeded_generator("wan2.2 vae", seed)
+        state_dict = {}
+        for name, value in tiny(z_dim=48).state_dict().items():
+            values = torch.randn(value.shape, generator=generator)
+            if name.endswith("bias"):
+                values = 0.05 * values
+            elif value.dim() >= 2 and value[0].numel() > 1:
+                values = values / math.sqrt(value[0].numel())
+            else:  # norm scales
+                values = 1.0 + 0.05 * values
+            state_dict[name] = values
+        comfy.ldm.wan.vae2_2.WanVAE = tiny
+        try:
+            vae = comfy.sd.VAE(sd=state_dict)
+        finally:
+            comfy.ldm.wan.vae2_2.WanVAE = full_size
+        return (vae,)
+
+
 class ChunkSensitiveLayer:
     """A host patch that is not per token, for the self-check test: the output projection of one Wan
     block's self-attention scales its result by a factor that depends on how many tokens it is given,
@@ -95,9 +134,11 @@ NODE_CLASS_MAPPINGS = {
     "StreamlineFixtureTinyCLIPVision": TinyCLIPVision,
     "StreamlineFixtureTextEmbedding": TextEmbedding,
     "StreamlineFixtureChunkSensitiveLayer": ChunkSensitiveLayer,
+    "StreamlineFixtureTinyWan22VAE": TinyWan22VAE,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "StreamlineFixtureTinyCLIPVision": "Tiny CLIP Vision (fixture)",
     "StreamlineFixtureTextEmbedding": "Text Embedding (fixture)",
     "StreamlineFixtureChunkSensitiveLayer": "Chunk-Sensitive Layer (fixture)",
+    "StreamlineFixtureTinyWan22VAE": "Tiny Wan 2.2 VAE (fixture)",
 }
