@@ -53,14 +53,23 @@ def api_to_ui_workflow(page, api_prompt: dict, name: str, note: str | None = Non
     }""", [api_prompt, name, note]))
 
 
-def fit_graph(page) -> dict:
+def fit_graph(page, square_on_pack: bool = False) -> dict:
     """Zooms and pans the canvas so that every node is in view (at most at 100 %, so the text stays
-    drawn); returns the graph's rectangle on the page."""
-    rect = page.evaluate("""() => {
-        const nodes = app.graph.nodes;
-        const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
-        const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
-        const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+    drawn); returns the graph's rectangle on the page. `square_on_pack`: a square around the pack's
+    nodes instead (what a Templates card shows)."""
+    rect = page.evaluate("""(squareOnPack) => {
+        const bounds = (nodes) => [Math.min(...nodes.map((n) => n.pos[0])) - 20, Math.min(...nodes.map((n) => n.pos[1])) - 50,
+                                   Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20,
+                                   Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20];
+        let [x0, y0, x1, y1] = bounds(app.graph.nodes);
+        const pack = app.graph.nodes.filter((n) => n.type.startsWith("Streamline"));
+        if (squareOnPack && pack.length) {  // a square around the pack's nodes, moved inside the graph where it fits
+            const [px0, py0, px1, py1] = bounds(pack), side = Math.max(px1 - px0, py1 - py0, 700);
+            const place = (low, high, from, to) => side >= to - from ? (from + to - side) / 2
+                : Math.min(Math.max((low + high - side) / 2, from), to - side);
+            [x0, y0] = [place(px0, px1, x0, x1), place(py0, py1, y0, y1)];
+            [x1, y1] = [x0 + side, y0 + side];
+        }
         const canvas = app.canvas.canvas, box = canvas.getBoundingClientRect();
         const width = box.width - 140, height = box.height - 200;  // clear of the side bar and the top bar
         const scale = Math.min(1, width / (x1 - x0), height / (y1 - y0));
@@ -69,14 +78,15 @@ def fit_graph(page) -> dict:
         app.canvas.ds.offset[1] = 150 / scale - y0;
         app.canvas.setDirty(true, true);
         return {x: box.left + 100, y: box.top + 150, width: (x1 - x0) * scale, height: (y1 - y0) * scale};
-    }""")
+    }""", square_on_pack)
     page.evaluate("() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)))")
     return rect
 
 
-def thumbnail(page, workflow: dict, path, width: int = 800) -> None:
-    """The workflow's graph as a JPEG `width` pixels wide (the Templates dialog shows <name>.jpg for
-    extension templates). Drawn on a large page so that the nodes' text is legible, then scaled down."""
+def thumbnail(page, workflow: dict, path, side: int = 640) -> None:
+    """A square JPEG of the workflow's graph around the pack's nodes, `side` pixels (the Templates dialog
+    shows <name>.jpg for extension templates, on square cards). Drawn on a large page so that the
+    nodes' text is legible, then scaled down."""
     import io
 
     from PIL import Image
@@ -85,12 +95,12 @@ def thumbnail(page, workflow: dict, path, width: int = 800) -> None:
     page.set_viewport_size({"width": 2600, "height": 1700})
     try:
         page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
-        rect = fit_graph(page)
+        rect = fit_graph(page, square_on_pack=True)
         png = page.screenshot(clip=rect, type="png")
     finally:
         page.set_viewport_size(viewport)
     image = Image.open(io.BytesIO(png)).convert("RGB")
-    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image = image.resize((side, side), Image.LANCZOS)
     image.save(path, "JPEG", quality=85)
 
 

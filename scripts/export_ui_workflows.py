@@ -2,10 +2,11 @@
 - api_workflows/<name>.json: the API-format twin (what the HTTP API takes; every node has `_meta.title`);
 - example_workflows/<name>.json: the UI workflow, made from the twin by the real frontend (node titles,
   links, widgets, layout) plus a Note saying which files go where;
-- example_workflows/<name>.jpg: its thumbnail for ComfyUI's Templates dialog (a screenshot of the graph);
+- example_workflows/<name>.jpg: its thumbnail for ComfyUI's Templates dialog (a square screenshot of the graph around the pack's nodes);
 - example_workflows/input/: the example input files the workflows' LoadImage nodes read.
 The specs use the model files under the names ComfyUI's own templates use
-(comfyui-workflow-templates). Run: .venv/bin/python scripts/export_ui_workflows.py"""
+(comfyui-workflow-templates). Run: .venv/bin/python scripts/export_ui_workflows.py [name ...]
+[--thumbnails: redraw only the thumbnails of the workflows as they are]"""
 import json
 import sys
 import tempfile
@@ -266,7 +267,8 @@ SPECS = {
 
 
 def main():
-    only = set(sys.argv[1:])
+    thumbnails_only = "--thumbnails" in sys.argv  # redraw the thumbnails of the shipped workflows only
+    only = set(sys.argv[1:]) - {"--thumbnails"}
     API_DIR.mkdir(exist_ok=True)
     EXAMPLES_DIR.mkdir(exist_ok=True)
     write_example_inputs(EXAMPLE_INPUTS_DIR)
@@ -275,6 +277,10 @@ def main():
         with ComfyServer(Path(base)) as server, frontend_page(server.url) as page:
             for name, spec in SPECS.items():
                 if only and name not in only:
+                    continue
+                if thumbnails_only:
+                    thumbnail(page, json.loads((EXAMPLES_DIR / f"{name}.json").read_text()), EXAMPLES_DIR / f"{name}.jpg")
+                    print(f"wrote example_workflows/{name}.jpg")
                     continue
                 prompt = dict(sorted(spec().items(), key=lambda item: int(item[0])))
                 (API_DIR / f"{name}.json").write_text(json.dumps(prompt, indent=1, ensure_ascii=False) + "\n")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import requests
+from PIL import Image
 
 from conftest import PACK_FOLDER_NAME, REPO_ROOT
 from devkit.workflows import API_DIR, EXAMPLES_DIR, example_names, load_ui, ui_to_api
@@ -36,6 +37,8 @@ def test_the_served_folder_holds_only_ui_workflows_their_thumbnails_and_inputs()
             assert {"nodes", "links", "version"} <= set(workflow), path.name  # UI format, not API
     for name in NAMES:
         assert (EXAMPLES_DIR / f"{name}.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, as the dialog loads
+        width, height = Image.open(EXAMPLES_DIR / f"{name}.jpg").size
+        assert width == height >= 512  # the dialog's cards are square: a strip would be cropped to its middle
     for name in NAMES:  # every input file a LoadImage names ships in example_workflows/input/
         for node in load_ui(name)["nodes"]:
             if node["type"] == "LoadImage":
