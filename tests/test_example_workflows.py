@@ -128,3 +128,20 @@ def test_shipped_workflow_runs_on_the_fixtures(comfy_server, name):
     result = comfy_server.run(load_workflow(name))
     assert result.status == "success", result.error
     assert result.files(comfy_server.output_dir)
+
+
+def test_a_third_party_api_client_runs_an_api_twin_by_node_titles(comfy_server):
+    """comfy-api-simplified drives a workflow by node titles (`_meta.title`) and waits on the
+    websocket; it finds the output node by title in the history, next to the Memory Monitor's."""
+    from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
+    from devkit.workflows import for_fixtures
+
+    name = "wan2.1_t2v_1.3B_sliced"
+    twin = json.loads((API_DIR / f"{name}.json").read_text())
+    workflow = ComfyWorkflowWrapper(for_fixtures(twin, name))
+    titles = {node["class_type"]: node["_meta"]["title"] for node in twin.values()}
+    workflow.set_node_param(titles["StreamlineMemoryMonitor"], "report_prefix", "api_client")
+    files = ComfyApiWrapper(comfy_server.url).queue_and_wait_images(workflow, titles["SaveAnimatedWEBP"])
+    [(file_name, data)] = files.items()
+    assert file_name.endswith(".webp") and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    assert list((comfy_server.output_dir / "streamline_memory").glob("api_client*"))
