@@ -217,7 +217,8 @@ def cpu_rows():
         rows.append(dict(method=name, seconds=time.perf_counter() - started, peak_mib=[tracker.peak / 2**20]))
         print(rows[-1], flush=True)
     for devices in ("cpu:1", "cpu:2", "cpu:4"):
-        _, stats, seconds = sample(model, positive, negative, latent, 0, steps, cfg, shift, devices, 8, 4, 1.0)
+        _, stats, seconds = sample(shifted, positive, negative, latent, 0, steps, cfg, "euler", "simple", devices, 8, 4,
+                                   1.0)
         rows.append(dict(method=f"DualParal {devices}", seconds=seconds, peak_mib=[s.peak_bytes / 2**20 for s in stats],
                          compute_s=[s.compute_s for s in stats], wait_s=[s.wait_s for s in stats],
                          sent_mib=[s.sent_bytes / 2**20 for s in stats], jobs=stats[0].jobs))

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..core.dualparal import (BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed, cluster_address,
-                              parse_devices, read_key, run_in_process, run_in_workers, run_on_cluster)
+from ..core.dualparal import (SAMPLERS, BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed,
+                              check_sampler, cluster_address, flow_spec, parse_devices, read_key, run_in_process,
+                              run_in_workers, run_on_cluster)
 from .slicing import SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -22,24 +23,14 @@ DEVICES_TOOLTIP = ("auto: every visible GPU (one CPU rank without GPUs). A list 
                    "machines) started with dualparal_cluster.py.")
 
 
-def _flow_sampling(model, shift: float):
-    """Wan's flow-matching model sampling with `shift`, as ComfyUI's ModelSamplingSD3 node makes it."""
-    import comfy.model_sampling
-
-    class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
-        pass
-    sampling = FlowSampling(model.model.model_config)
-    sampling.set_parameters(shift=shift, multiplier=1000)
-    return sampling
-
-
-def _sigmas(model_sampling, steps: int, denoise: float) -> torch.Tensor:
-    """ComfyUI KSampler's sigmas (simple scheduler), shortened for denoise < 1 the same way."""
+def _sigmas(model, sampler_name: str, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    """The sigmas ComfyUI's KSampler takes for these settings, from the MODEL's own model sampling (so
+    ModelSamplingSD3 before DualParal applies)."""
     import comfy.samplers
-    if denoise > 0.9999:
-        return comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).float()
-    total = int(steps / denoise)
-    return comfy.samplers.calculate_sigmas(model_sampling, "simple", total)[-(steps + 1):].float()
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise DualParalError(f"scheduler '{scheduler}' is not one of this ComfyUI's: "
+                             f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}.")
+    return comfy.samplers.KSampler(model, steps, "cpu", check_sampler(sampler_name), scheduler, denoise).sigmas.float()
 
 
 def _text(conditioning, side: str) -> torch.Tensor:
@@ -107,8 +98,8 @@ def report(plan: BlockPlan, stats, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, frames_per_block, cache_frames,
-           denoise) -> tuple:
+def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, devices, frames_per_block,
+           cache_frames, denoise) -> tuple:
     """(LATENT, [RankStats], seconds). Raises DualParalError for input it cannot run, before any
     process starts."""
     import comfy.model_management
@@ -118,7 +109,7 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     if samples.ndim != 5:
         raise DualParalError(f"the latent has shape {tuple(samples.shape)}, not a video latent (batch, channels, "
                              f"frames, height, width): make it with EmptyHunyuanLatentVideo or a Wan video node.")
-    _check_numbers(cfg=cfg, shift=shift, denoise=denoise)
+    _check_numbers(cfg=cfg, denoise=denoise)
     if "noise_mask" in latent:
         raise DualParalError("the latent carries a noise mask (inpainting), which DualParal does not apply: "
                              "remove Set Latent Noise Mask.")
@@ -128,16 +119,17 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     cluster = cluster_address(devices)
     cluster_key = _cluster_key(cluster) if cluster else None
     device_list = [] if cluster else parse_devices(devices, torch.cuda.device_count())
-    model_sampling = _flow_sampling(model, shift)
-    sigmas = _sigmas(model_sampling, steps, denoise)
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = _sigmas(model, sampler_name, scheduler, steps, denoise)
     sampling = Sampling(sigmas=sigmas, timesteps=[float(model_sampling.timestep(s)) for s in sigmas[:-1]], cfg=cfg,
-                        context=_context(positive, negative, cfg))
+                        context=_context(positive, negative, cfg), sampler=sampler_name, seed=seed)
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
     request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
                                start.float(), seed, slicing, config=model.model.model_config.unet_config)
     request.validate(len(device_list) or 1)
+    sampling.flow = flow_spec(model_sampling)  # after the check that names the model when it is not Wan
     in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
 
     bar = comfy.utils.ProgressBar(len(plan.jobs()))
@@ -169,6 +161,11 @@ def sample(model, positive, negative, latent, seed, steps, cfg, shift, devices, 
     return result, stats, seconds
 
 
+def _schedulers() -> list:
+    import comfy.samplers
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
 class DualParalSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -179,7 +176,8 @@ class DualParalSampler(io.ComfyNode):
             description="Samples a Wan text-to-video latent of any length block by block: blocks at decreasing "
                         "noise levels move through the model's layers split over several GPUs (or CPU processes), "
                         "with each layer's keys/values of the neighbouring block cached. Memory per device does not "
-                        "grow with the video's length. Euler flow-matching sampling with ComfyUI's sigmas.",
+                        "grow with the video's length. Each block is sampled by ComfyUI's own sampler with the "
+                        "MODEL's model sampling (ModelSamplingSD3 before it applies).",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan 2.1 / 2.2 text-to-video model (Feature Slicer settings apply "
                                                 "inside every rank)."),
@@ -189,8 +187,10 @@ class DualParalSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
                 io.Int.Input("steps", default=30, min=1, max=10000),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="Flow-matching shift (ModelSamplingSD3's): Wan uses 3 at 480p, 5 at 720p."),
+                io.Combo.Input("sampler_name", options=list(SAMPLERS), default="euler",
+                               tooltip="ComfyUI's sampler, run for each block with its own state (multistep history, "
+                                       "noise)."),
+                io.Combo.Input("scheduler", options=_schedulers(), default="simple"),
                 io.String.Input("devices", default="auto", tooltip=DEVICES_TOOLTIP),
                 io.Int.Input("frames_per_block", default=10, min=1, max=4096,
                              tooltip="Latent frames per block (4 video frames each)."),
@@ -206,11 +206,11 @@ class DualParalSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, shift, devices, frames_per_block,
-                cache_frames, denoise) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, devices,
+                frames_per_block, cache_frames, denoise) -> io.NodeOutput:
         try:
-            latent, stats, seconds = sample(model, positive, negative, latent_image, seed, steps, cfg, shift, devices,
-                                            frames_per_block, cache_frames, denoise)
+            latent, stats, seconds = sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                                            scheduler, devices, frames_per_block, cache_frames, denoise)
         except DualParalError as error:
             raise ValueError(f"DualParal Multi-GPU Sampler: {error}") from None
         if not stats:

@@ -127,10 +127,10 @@ def wan21_t2v_planner():
 
 def wan21_t2v_dualparal():
     base = wan21_t2v_base(length=161)
-    del base["5"]  # the sampler applies the shift itself
-    return {**base, "7": n("StreamlineDualParalSampler", "DualParal Multi-GPU Sampler", model=["1", 0],
+    return {**base, "7": n("StreamlineDualParalSampler", "DualParal Multi-GPU Sampler", model=["5", 0],
                            positive=["3", 0], negative=["4", 0], latent_image=["6", 0], seed=7, steps=30, cfg=6.0,
-                           shift=8.0, devices="auto", frames_per_block=4, cache_frames=2, denoise=1.0),
+                           sampler_name="uni_pc", scheduler="simple", devices="auto", frames_per_block=4,
+                           cache_frames=2, denoise=1.0),
             "12": n("PreviewAny", "DualParal report", source=["7", 1]),
             **outputs("wan21_t2v_dualparal", ["8", 0], ["7", 0])}
 

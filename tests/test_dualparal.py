@@ -32,10 +32,11 @@ def empty_latent(frames, height=4, width=6):
     return {"samples": torch.zeros(1, 16, frames, height, width)}
 
 
-def dualparal(model, latent, devices, frames_per_block=2, cache_frames=1, steps=3, cfg=4.0, seed=5, denoise=1.0):
+def dualparal(model, latent, devices, frames_per_block=2, cache_frames=1, steps=3, cfg=4.0, seed=5, denoise=1.0,
+              sampler="euler", scheduler="simple"):
     from comfyui_streamline.nodes.dualparal import sample
-    return sample(model, POSITIVE, NEGATIVE, latent, seed, steps, cfg, 5.0, devices, frames_per_block, cache_frames,
-                  denoise)
+    return sample(model, POSITIVE, NEGATIVE, latent, seed, steps, cfg, sampler, scheduler, devices, frames_per_block,
+                  cache_frames, denoise)
 
 
 def worker_processes() -> list:
@@ -59,17 +60,36 @@ def test_ranks_give_the_latent_of_one_rank(wan3, devices, frames, steps):
     assert not worker_processes()
 
 
-def test_a_single_block_samples_exactly_like_stock_ksampler(wan3):
-    """With the whole latent in one block and no cache, DualParal is ComfyUI's Euler sampling with the
-    simple scheduler, ModelSamplingSD3's shift and the same seed's noise."""
+SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "lcm", "uni_pc"]
+
+
+@pytest.mark.parametrize("sampler, scheduler", [(name, "simple") for name in SAMPLERS] + [("dpmpp_2m", "beta")])
+def test_a_single_block_samples_exactly_like_stock_ksampler(wan3, sampler, scheduler):
+    """With the whole latent in one block and no cache, DualParal is ComfyUI's own sampling: the same
+    sampler and scheduler, the MODEL's model sampling (here ModelSamplingSD3's shift), the same seed."""
     import nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     latent = empty_latent(5)
     shifted = ModelSamplingSD3().patch(wan3, 5.0)[0]
-    stock = nodes.common_ksampler(shifted, 5, 4, 4.0, "euler", "simple", POSITIVE, NEGATIVE, latent, denoise=1.0)[0]
-    ours, _, _ = dualparal(wan3, latent, "cpu:1", frames_per_block=5, cache_frames=0, steps=4, cfg=4.0)
-    assert relative_difference(ours["samples"], stock["samples"]) <= SAMPLING_TOLERANCE
+    stock = nodes.common_ksampler(shifted, 5, 4, 4.0, sampler, scheduler, POSITIVE, NEGATIVE, latent, denoise=1.0)[0]
+    ours, _, _ = dualparal(shifted, latent, "cpu:1", frames_per_block=5, cache_frames=0, steps=4, cfg=4.0,
+                           sampler=sampler, scheduler=scheduler)
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+    unshifted, _, _ = dualparal(wan3, latent, "cpu:1", frames_per_block=5, cache_frames=0, steps=4, cfg=4.0,
+                                sampler=sampler, scheduler=scheduler)
+    assert relative_difference(unshifted["samples"], ours["samples"]) > 1e-3  # the MODEL's shift is the one used
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m", "uni_pc"])
+def test_ranks_give_the_latent_of_one_rank_with_each_sampler(wan3, sampler):
+    """Per-block sampler state (multistep history, ancestral noise) over several blocks and ranks."""
+    one, _, _ = dualparal(wan3, empty_latent(7), "cpu:1", steps=4, sampler=sampler)
+    two, _, _ = dualparal(wan3, empty_latent(7), "cpu:2", steps=4, sampler=sampler)
+    assert relative_difference(two["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    euler, _, _ = dualparal(wan3, empty_latent(7), "cpu:1", steps=4)
+    assert relative_difference(one["samples"], euler["samples"]) > 1e-3
+    assert not worker_processes()
 
 
 def test_partial_denoise_starts_from_the_input_latent_and_zero_returns_it(wan3):
@@ -152,6 +172,8 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works
     (dict(denoise=float("nan")), "denoise is nan; give a finite number"),
     (dict(cfg=float("inf")), "cfg is inf; give a finite number"),
     (dict(devices="torchrun://127.0.0.1:99999"), "with a port from 1 to 65535"),
+    (dict(sampler_name="heun"), "sampler 'heun' is not one DualParal runs; choose one of euler, euler_ancestral"),
+    (dict(scheduler="fast"), "scheduler 'fast' is not one of this ComfyUI's: simple"),
 ])
 def test_input_it_cannot_run_is_refused_before_any_process_starts(wan3, change, message):
     from comfyui_streamline.nodes.dualparal import DualParalSampler
@@ -159,7 +181,7 @@ def test_input_it_cannot_run_is_refused_before_any_process_starts(wan3, change, 
     if "cuda" in change.get("devices", "") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     inputs = dict(model=wan3, positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(8), seed=0, steps=2,
-                  cfg=4.0, shift=5.0, devices="cpu:2", frames_per_block=2, cache_frames=1, denoise=1.0)
+                  cfg=4.0, sampler_name="euler", scheduler="simple", devices="cpu:2", frames_per_block=2, cache_frames=1, denoise=1.0)
     with pytest.raises(ValueError) as raised:
         DualParalSampler.execute(**{**inputs, **change})
     assert message in str(raised.value) and str(raised.value).startswith("DualParal Multi-GPU Sampler: ")
@@ -169,8 +191,8 @@ def test_input_it_cannot_run_is_refused_before_any_process_starts(wan3, change, 
 def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
     from comfyui_streamline.nodes.dualparal import DualParalSampler
 
-    inputs = dict(positive=POSITIVE, negative=NEGATIVE, seed=0, steps=2, cfg=4.0, shift=5.0, devices="cpu:1",
-                  frames_per_block=2, cache_frames=1, denoise=1.0)
+    inputs = dict(positive=POSITIVE, negative=NEGATIVE, seed=0, steps=2, cfg=4.0, sampler_name="euler",
+                  scheduler="simple", devices="cpu:1", frames_per_block=2, cache_frames=1, denoise=1.0)
     with pytest.raises(ValueError, match="runs ComfyUI's Wan 2.1 / 2.2 text-to-video DiT; this MODEL holds UNetModel"):
         DualParalSampler.execute(model=patcher(build_svd("tiny")), latent_image=empty_latent(4), **inputs)
     masked = {**empty_latent(4), "noise_mask": torch.ones(1, 1, 4, 4, 6)}

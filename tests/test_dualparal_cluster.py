@@ -112,7 +112,7 @@ def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_ref
     with socket.create_connection(("127.0.0.1", cluster.port)) as stranger:  # no handshake, a pickle instead
         stranger.sendall(pickle.dumps(("request", os.system)))
     too_many_ranks = dict(model=patcher(build_wan("tiny", layers=1)), positive=POSITIVE, negative=NEGATIVE, seed=0,
-                          steps=2, cfg=1.0, shift=5.0, devices=cluster.address, frames_per_block=2, cache_frames=1,
+                          steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", devices=cluster.address, frames_per_block=2, cache_frames=1,
                           denoise=1.0, latent_image=empty_latent(4))
     with pytest.raises(ValueError, match="2 ranks for a model with 1 transformer layers"):
         DualParalSampler.execute(**too_many_ranks)  # refused by ComfyUI; the cluster goes on serving

@@ -2,8 +2,9 @@
 from .cluster import check_allowed, cluster_address, read_key
 from .pipeline import RankStats, Sampling
 from .runner import DualParalRequest, parse_devices, run_in_process, run_in_workers, run_on_cluster
+from .samplers import SAMPLERS, check_sampler, flow_spec
 from .schedule import BlockPlan, DualParalError, layer_ranges
 
-__all__ = ["BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "check_allowed",
-           "cluster_address", "layer_ranges", "parse_devices", "read_key", "run_in_process", "run_in_workers",
-           "run_on_cluster"]
+__all__ = ["SAMPLERS", "BlockPlan", "DualParalError", "DualParalRequest", "RankStats", "Sampling", "check_allowed",
+           "check_sampler", "cluster_address", "flow_spec", "layer_ranges", "parse_devices", "read_key",
+           "run_in_process", "run_in_workers", "run_on_cluster"]

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .samplers import check_sampler
 from .schedule import DualParalError
 from .wan_stage import rank_model, rank_model_description, rebuild_rank_model
 from .wire import MalformedMessage
@@ -118,7 +119,9 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
     latent, noise, _ = first_rank_tensors
     meta = {"rank": rank, "world": world, "layers": [layers.start, layers.stop], "dtype": wire.dtype_name(request.dtype),
             "latent_shape": list(latent.shape), "plan": asdict(request.plan),
-            "sampling": {"timesteps": [float(t) for t in request.sampling.timesteps], "cfg": float(request.sampling.cfg)},
+            "sampling": {"timesteps": [float(t) for t in request.sampling.timesteps], "cfg": float(request.sampling.cfg),
+                         "sampler": request.sampling.sampler, "flow": request.sampling.flow,
+                         "seed": int(request.sampling.seed)},
             "slicing": None if request.slicing is None else asdict(request.slicing),
             "model": rank_model_description(request.model, request.config, layers, first, last)}
     tensors = {f"model.{name}": value for name, value in part.state_dict().items()}
@@ -137,13 +140,21 @@ def payload_from_message(data: bytes) -> dict:
                    "dtype": wire.dtype_from_name(meta["dtype"]),
                    "model": rebuild_rank_model(meta["model"], weights),
                    "latent_shape": tuple(int(i) for i in meta["latent_shape"]), "plan": dict(meta["plan"]),
-                   "sampling": {**dict(meta["sampling"]), "sigmas": tensors["sigmas"], "context": tensors["context"]},
+                   "sampling": _sampling(meta["sampling"], tensors),
                    "slicing": None if meta["slicing"] is None else dict(meta["slicing"])}
         if rank == 0:
             payload.update(latent=tensors["latent"], noise=tensors["noise"], output=torch.zeros_like(tensors["latent"]))
     except (KeyError, TypeError, ValueError) as error:
         raise MalformedMessage(f"a request without a valid {error}") from None
     return payload
+
+
+def _sampling(meta: dict, tensors: dict) -> dict:
+    """The request's sampling settings, each checked: the sampler only by its key in SAMPLERS."""
+    return {"timesteps": [float(t) for t in meta["timesteps"]], "cfg": float(meta["cfg"]),
+            "sampler": check_sampler(str(meta["sampler"])), "seed": int(meta["seed"]),
+            "flow": {name: float(meta["flow"][name]) for name in ("shift", "multiplier", "noise_scale")},
+            "sigmas": tensors["sigmas"], "context": tensors["context"]}
 
 
 def _send_bytes(data: bytes, to: int, group) -> None:

@@ -18,10 +18,15 @@ def coordinated_noise(shape: tuple, plan: BlockPlan, seed: int) -> torch.Tensor:
     noise = torch.empty(shape)
     previous = torch.randn((*shape[:2], len(blocks[0]), *shape[3:]), generator=generator)
     noise[:, :, blocks[0].start:blocks[0].stop] = previous
-    keep = plan.cache_frames
     for block in blocks[1:]:
-        reused = torch.arange(previous.shape[2] - keep, previous.shape[2])
-        shuffled = torch.randperm(previous.shape[2] - keep, generator=generator)
-        previous = previous[:, :, torch.cat([reused, shuffled])[:len(block)]]
+        previous = reorder(previous, len(block), plan.cache_frames, generator)
         noise[:, :, block.start:block.stop] = previous
     return noise
+
+
+def reorder(previous: torch.Tensor, frames: int, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """A block's `frames` noise frames from the block before it's: its last `keep` frames first, then
+    the others in a seeded shuffle."""
+    count = previous.shape[2]
+    index = torch.cat([torch.arange(count - keep, count), torch.randperm(count - keep, generator=generator)])
+    return previous[:, :, index[:frames].to(previous.device)]

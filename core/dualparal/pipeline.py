@@ -2,12 +2,14 @@
 rank runs its layers for each job in the schedule's order and hands the hidden states on in a ring
 (the last rank hands the model's prediction back to the first).
 
-Sampling is ComfyUI's flow-matching Euler step on the denoised prediction (CONST model sampling),
-with classifier-free guidance combined on the denoised predictions as ComfyUI's cfg_function does.
+Each block is sampled by the host's own sampler function (samplers.py) with the MODEL's flow model
+sampling, with classifier-free guidance combined on the denoised predictions as ComfyUI's
+cfg_function does.
 A job needs the states its block and the block before it had at the end of the previous
 iteration; with several ranks the first rank takes in pending predictions only when a job needs
 them, so the ring stays full while enough blocks are in flight.
 """
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .schedule import BlockPlan, Job
+from .samplers import BlockSampler, CoordinatedNoise, host_flow_sampling, host_sampler
+from .schedule import BlockPlan, DualParalError, Job
 from .wan_stage import WanStage
 
 
@@ -26,6 +29,9 @@ class Sampling:
     timesteps: list  # the model's timestep for each step's sigma
     cfg: float
     context: torch.Tensor  # text conditioning, [positive, negative] along the batch (positive only at cfg 1)
+    sampler: str = "euler"  # a key of samplers.SAMPLERS
+    flow: dict = field(default_factory=lambda: {"shift": 1.0, "multiplier": 1000.0, "noise_scale": 1.0})
+    seed: int = 0  # of the samplers' own noise (ancestral samplers)
 
     @property
     def batch(self) -> int:
@@ -107,52 +113,85 @@ class _Timer:
 
 
 class FirstRank:
-    """The latent blocks being denoised, their sampler updates, and the finished output."""
+    """The latent blocks being denoised, each with its sampler, and the finished output."""
 
     def __init__(self, stage: WanStage, plan: BlockPlan, sampling: Sampling, latent: torch.Tensor,
                  noise: torch.Tensor, output: torch.Tensor):
         self.stage, self.plan, self.sampling = stage, plan, sampling
         self.latent, self.noise, self.output = latent, noise, output
         self.blocks = plan.blocks
-        self.states = {}
+        self.function = host_sampler(sampling.sampler)
+        self.model_sampling = host_flow_sampling(sampling.flow)
+        self.sampler_noise = CoordinatedNoise(sampling.seed, plan.cache_frames, len(self.blocks))
+        self.samplers = {}
 
     def _frames(self, block: int) -> torch.Tensor:
-        if block in self.states:
-            return self.states[block]
+        if block in self.samplers:
+            return self.samplers[block].x
         frames = self.blocks[block]  # finished: its final state is in the output
         return self.output[:, :, frames.start:frames.stop].to(self.stage.device)
 
     def input(self, job: Job) -> torch.Tensor:
         if job.step == 0:
             frames = self.blocks[job.block]
-            sigma = self.sampling.sigmas[0]
-            self.states[job.block] = (sigma * self.noise[:, :, frames.start:frames.stop]
-                                      + (1.0 - sigma) * self.latent[:, :, frames.start:frames.stop]
-                                      ).to(self.stage.device)
-        own = self.states[job.block]
+            sigmas = self.sampling.sigmas.to(self.stage.device)
+            x = self.model_sampling.noise_scaling(
+                sigmas[:1], self.noise[:, :, frames.start:frames.stop].to(self.stage.device),
+                self.latent[:, :, frames.start:frames.stop].to(self.stage.device))
+            self.samplers[job.block] = BlockSampler(self.function, self.model_sampling, x, sigmas, self.sampling.seed,
+                                                    self.sampler_noise.sampler(job.block, x))
+        sampler = self._expect_call(job)
+        own = sampler.x
         if job.context_frames:
             own = torch.cat([self._frames(job.block - 1)[:, :, -job.context_frames:], own], dim=2)
         return own.expand(self.sampling.batch, *own.shape[1:])
 
+    def _expect_call(self, job: Job) -> BlockSampler:
+        sampler = self.samplers[job.block]
+        sigma = float(self.sampling.sigmas[job.step])
+        if sampler.finished or sampler.calls != job.step + 1 or not math.isclose(
+                float(sampler.sigma), sigma, rel_tol=1e-5, abs_tol=1e-7):
+            raise DualParalError(f"the sampler {self.sampling.sampler} does not call the model once per step at the "
+                                 f"step's sigma (step {job.step}: sigma {sigma}), which DualParal's pipeline needs.")
+        return sampler
+
     def update(self, job: Job, prediction: torch.Tensor) -> None:
-        x = self.states[job.block]
-        sigma, sigma_next = self.sampling.sigmas[job.step], self.sampling.sigmas[job.step + 1]
-        denoised = x - prediction * sigma
+        sampler = self._expect_call(job)
+        sigma = self.sampling.sigmas[job.step:job.step + 1].to(prediction.device)
+        denoised = self.model_sampling.calculate_denoised(sigma, prediction, sampler.x)
         if denoised.shape[0] == 2:
             denoised = denoised[1:] + (denoised[:1] - denoised[1:]) * self.sampling.cfg
-        x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        sampler.give(denoised)
         if job.step == self.plan.steps - 1:
+            if not sampler.finished:
+                sampler.close()
+                raise DualParalError(f"the sampler {self.sampling.sampler} calls the model more often than once per "
+                                     f"step, which DualParal's pipeline cannot run.")
             frames = self.blocks[job.block]
-            self.output[:, :, frames.start:frames.stop] = x.to(self.output.device)
-            del self.states[job.block]
-        else:
-            self.states[job.block] = x
+            final = self.model_sampling.inverse_noise_scaling(self.sampling.sigmas[-1:].to(sampler.x.device), sampler.x)
+            self.output[:, :, frames.start:frames.stop] = final.to(self.output.device)
+            del self.samplers[job.block]
+            self.sampler_noise.release(job.block)
+
+    def close(self) -> None:
+        """Ends the samplers of blocks still in flight (after a failure)."""
+        for sampler in self.samplers.values():
+            sampler.close()
+        self.samplers.clear()
 
 
 def run_rank(stage: WanStage, plan: BlockPlan, sampling: Sampling, stats: RankStats, ring: Optional[Ring] = None,
              first_rank: Optional[FirstRank] = None, progress: Callable[[int, int], None] = lambda done, total: None):
     """Runs every job of `plan` on this rank. The first rank passes `first_rank`; with one rank
     (no ring) it runs the whole model and updates in place."""
+    try:
+        _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress)
+    finally:
+        if first_rank is not None:
+            first_rank.close()
+
+
+def _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress):
     context = stage.text(sampling.context)
     batch = sampling.batch
     timer = _Timer(stats, stage.device)
