@@ -86,6 +86,8 @@ def build_svd(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed
 WAN_VARIANTS = {  # variant -> (ComfyUI model config class, config changes)
     "2.1 t2v": ("WAN21_T2V", {}),
     "2.1 i2v": ("WAN21_I2V", {"model_type": "i2v", "in_dim": 36}),  # CLIP image tokens in cross-attention
+    # first-last-frame: both images' CLIP tokens, with learnt positions (img_emb.emb_pos, ViT-H's 2 x 257)
+    "2.1 flf2v": ("WAN21_I2V", {"model_type": "i2v", "in_dim": 36, "flf_pos_embed_token_number": 514}),
     "2.2 ti2v 5B": ("WAN22_T2V", {"in_dim": 48, "out_dim": 48}),  # per-frame timesteps from the denoise mask
 }
 

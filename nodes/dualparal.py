@@ -48,6 +48,34 @@ def _context(positive, negative, cfg: float) -> torch.Tensor:
     return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in texts]).float()
 
 
+def _image_conditioning(model, positive, negative, samples: torch.Tensor, cfg: float) -> tuple:
+    """(c_concat, clip_fea) of an image-to-video Wan model, each None where absent, as ComfyUI's own
+    model makes them from the conditioning (WanImageToVideo's concat_latent_image / concat_mask /
+    clip_vision_output), rows [positive, negative] like the text context."""
+    embedding = getattr(model.model.diffusion_model, "patch_embedding", None)
+    if embedding is None:  # not a Wan model: the request's check says so
+        return None, None
+    sides = [positive] + ([] if cfg == 1.0 else [negative])
+    try:
+        conds = [model.model.extra_conds(noise=torch.zeros_like(samples), latent_image=samples,
+                                         device=torch.device("cpu"), **side[0][1]) for side in sides]
+    except RuntimeError as error:
+        raise DualParalError(f"the image conditioning does not fit the latent of shape {tuple(samples.shape)} "
+                             f"({error}): make both with the same WanImageToVideo node.") from None
+    if embedding.in_channels == samples.shape[1] and any(
+            "concat_latent_image" in side[0][1] for side in sides):
+        raise DualParalError("the conditioning carries a start image (WanImageToVideo), but this is a text-to-video "
+                             "model, which would ignore it: load a Wan image-to-video model, or remove the image.")
+    found = []
+    for key in ("c_concat", "clip_fea"):
+        values = [cond[key].cond for cond in conds if key in cond]
+        if values and len(values) != len(conds):
+            raise DualParalError(f"only one side of the conditioning carries {key}: give positive and negative the "
+                                 f"same image conditioning (one WanImageToVideo node).")
+        found.append(torch.cat(values).detach().float() if values else None)
+    return tuple(found)
+
+
 @contextmanager
 def _weights_for(model, devices, in_process: bool):
     """The diffusion model with every patch applied: loaded by ComfyUI for a run here or for CPU
@@ -123,6 +151,7 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
     sigmas = _sigmas(model, sampler_name, scheduler, steps, denoise)
     sampling = Sampling(sigmas=sigmas, timesteps=[float(model_sampling.timestep(s)) for s in sigmas[:-1]], cfg=cfg,
                         context=_context(positive, negative, cfg), sampler=sampler_name, seed=seed)
+    sampling.image, sampling.clip = _image_conditioning(model, positive, negative, samples, cfg)
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI

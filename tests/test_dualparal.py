@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import load_workflow
-from devkit.model_fixtures import WAN_TEXT_DIM, build_svd, build_wan
+from devkit.model_fixtures import WAN_TEXT_DIM, build_svd, build_wan, build_wan_vae
 from test_slicing_nodes import SAMPLING_TOLERANCE, node_output, patcher, relative_difference
 
 
@@ -193,7 +193,7 @@ def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
 
     inputs = dict(positive=POSITIVE, negative=NEGATIVE, seed=0, steps=2, cfg=4.0, sampler_name="euler",
                   scheduler="simple", devices="cpu:1", frames_per_block=2, cache_frames=1, denoise=1.0)
-    with pytest.raises(ValueError, match="runs ComfyUI's Wan 2.1 / 2.2 text-to-video DiT; this MODEL holds UNetModel"):
+    with pytest.raises(ValueError, match="DualParal runs ComfyUI's Wan 2.1 / 2.2 DiT .text- or image-to-video.; this MODEL holds UNetModel"):
         DualParalSampler.execute(model=patcher(build_svd("tiny")), latent_image=empty_latent(4), **inputs)
     masked = {**empty_latent(4), "noise_mask": torch.ones(1, 1, 4, 4, 6)}
     with pytest.raises(ValueError, match="noise mask"):
@@ -283,3 +283,87 @@ def test_interrupting_a_dualparal_prompt_stops_its_workers_and_the_next_prompt_r
     assert not _server_workers(comfy_server)
     follow_up = comfy_server.run(load_workflow("wan2.1_t2v_1.3B_dualparal_long"))
     assert follow_up.status == "success", follow_up.error
+
+
+@pytest.fixture(scope="module")
+def wan_i2v(pack):
+    """A tiny Wan 2.1 image-to-video model (36 input channels, CLIP image tokens), three layers."""
+    return patcher(build_wan("tiny", layers=3, variant="2.1 i2v"))
+
+
+def image_to_video(start_frames: int = 1, length: int = 13):
+    """WanImageToVideo's conditioning and latent for a start image (and its CLIP vision tokens)."""
+    from comfy_extras.nodes_wan import WanImageToVideo
+    from devkit.fixture_nodes import TinyCLIPVision
+
+    image = torch.rand(start_frames, 48, 64, 3, generator=torch.Generator().manual_seed(4))
+    clip_vision = TinyCLIPVision().load(0, 1280)[0].encode_image(image[:1])
+    out = WanImageToVideo.execute(POSITIVE, NEGATIVE, build_wan_vae("tiny"), 64, 48, length, 1, image, clip_vision)
+    positive, negative, latent = out.result if hasattr(out, "result") else out
+    return positive, negative, latent
+
+
+def dualparal_i2v(model, conditioning, devices, frames_per_block, cache_frames, sampler="euler"):
+    from comfyui_streamline.nodes.dualparal import sample
+    positive, negative, latent = conditioning
+    return sample(model, positive, negative, latent, 5, 3, 4.0, sampler, "simple", devices, frames_per_block,
+                  cache_frames, 1.0)
+
+
+def test_image_to_video_with_one_block_samples_like_the_stock_workflow(wan_i2v):
+    """WanImageToVideo's concat latent + mask and CLIP vision tokens, as ComfyUI's model takes them."""
+    import nodes
+
+    conditioning = image_to_video()
+    positive, negative, latent = conditioning
+    stock = nodes.common_ksampler(wan_i2v, 5, 3, 4.0, "uni_pc", "simple", positive, negative, latent)[0]
+    ours, _, _ = dualparal_i2v(wan_i2v, conditioning, "cpu:1", latent["samples"].shape[2], 0, "uni_pc")
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+    without_image = [[t, {k: v for k, v in d.items() if k == "pooled_output"}] for t, d in positive]
+    plain = nodes.common_ksampler(wan_i2v, 5, 3, 4.0, "uni_pc", "simple", without_image, without_image, latent)[0]
+    assert relative_difference(plain["samples"], stock["samples"]) > 1e-3  # the image conditioning is used
+
+
+def test_first_last_frame_with_one_block_samples_like_the_stock_workflow(pack):
+    """WanFirstLastFrameToVideo: both images in the concat latent, both CLIP outputs (with the FLF
+    model's learnt token positions); ranks give the one-rank latent."""
+    import nodes
+    from comfy_extras.nodes_wan import WanFirstLastFrameToVideo
+    from devkit.fixture_nodes import TinyCLIPVision
+
+    flf = patcher(build_wan("tiny", layers=2, variant="2.1 flf2v"))
+    images = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(6))
+    clip_vision = TinyCLIPVision().load(0, 1280)[0]
+    out = WanFirstLastFrameToVideo.execute(POSITIVE, NEGATIVE, build_wan_vae("tiny"), 64, 48, 13, 1, images[:1],
+                                           images[1:], clip_vision.encode_image(images[:1]),
+                                           clip_vision.encode_image(images[1:]))
+    conditioning = out.result if hasattr(out, "result") else out
+    positive, negative, latent = conditioning
+    stock = nodes.common_ksampler(flf, 5, 3, 4.0, "euler", "simple", positive, negative, latent)[0]
+    ours, _, _ = dualparal_i2v(flf, conditioning, "cpu:1", latent["samples"].shape[2], 0)
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+    one, _, _ = dualparal_i2v(flf, conditioning, "cpu:1", 2, 1)
+    two, _, _ = dualparal_i2v(flf, conditioning, "cpu:2", 2, 1)
+    assert relative_difference(two["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+
+
+def test_image_to_video_ranks_give_the_latent_of_one_rank(wan_i2v):
+    conditioning = image_to_video()
+    one, _, _ = dualparal_i2v(wan_i2v, conditioning, "cpu:1", 2, 1)
+    three, _, _ = dualparal_i2v(wan_i2v, conditioning, "cpu:3", 2, 1)
+    assert relative_difference(three["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    assert not worker_processes()
+
+
+def test_image_conditioning_that_does_not_fit_the_model_is_refused(wan3, wan_i2v):
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    positive, negative, latent = image_to_video()
+    inputs = dict(positive=positive, negative=negative, latent_image=latent, seed=0, steps=2, cfg=4.0,
+                  sampler_name="euler", scheduler="simple", devices="cpu:2", frames_per_block=2, cache_frames=1,
+                  denoise=1.0)
+    with pytest.raises(ValueError, match="carries a start image .WanImageToVideo., but this is a text-to-video model"):
+        DualParalSampler.execute(model=wan3, **inputs)
+    with pytest.raises(ValueError, match="make both with the same WanImageToVideo node"):
+        DualParalSampler.execute(model=wan_i2v, **{**inputs, "latent_image": empty_latent(6, 6, 8)})
+    assert not worker_processes()

@@ -126,7 +126,9 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
             "model": rank_model_description(request.model, request.config, layers, first, last)}
     tensors = {f"model.{name}": value for name, value in part.state_dict().items()}
     tensors.update(sigmas=request.sampling.sigmas, context=request.sampling.context,
-                   **({"latent": latent, "noise": noise} if first else {}))
+                   **({"latent": latent, "noise": noise} if first else {}),
+                   **({"clip": request.sampling.clip} if request.sampling.clip is not None else {}),
+                   **({"image": request.sampling.image} if first and request.sampling.image is not None else {}))
     return wire.encode(meta, tensors)
 
 
@@ -154,7 +156,8 @@ def _sampling(meta: dict, tensors: dict) -> dict:
     return {"timesteps": [float(t) for t in meta["timesteps"]], "cfg": float(meta["cfg"]),
             "sampler": check_sampler(str(meta["sampler"])), "seed": int(meta["seed"]),
             "flow": {name: float(meta["flow"][name]) for name in ("shift", "multiplier", "noise_scale")},
-            "sigmas": tensors["sigmas"], "context": tensors["context"]}
+            "sigmas": tensors["sigmas"], "context": tensors["context"], "clip": tensors.get("clip"),
+            "image": tensors.get("image")}
 
 
 def _send_bytes(data: bytes, to: int, group) -> None:

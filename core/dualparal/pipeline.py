@@ -32,6 +32,10 @@ class Sampling:
     sampler: str = "euler"  # a key of samplers.SAMPLERS
     flow: dict = field(default_factory=lambda: {"shift": 1.0, "multiplier": 1000.0, "noise_scale": 1.0})
     seed: int = 0  # of the samplers' own noise (ancestral samplers)
+    # image-to-video: the channels concatenated to the input over the whole video (c_concat: mask + image
+    # latents), and CLIP vision tokens; batch rows as `context`'s
+    image: Optional[torch.Tensor] = None
+    clip: Optional[torch.Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -144,7 +148,12 @@ class FirstRank:
         own = sampler.x
         if job.context_frames:
             own = torch.cat([self._frames(job.block - 1)[:, :, -job.context_frames:], own], dim=2)
-        return own.expand(self.sampling.batch, *own.shape[1:])
+        own = own.expand(self.sampling.batch, *own.shape[1:])
+        if self.sampling.image is None:
+            return own
+        start = self.blocks[job.block].start - job.context_frames
+        image = self.sampling.image[:, :, start:start + own.shape[2]].to(own.device, own.dtype)
+        return torch.cat([own, image.expand(own.shape[0], *image.shape[1:])], dim=1)
 
     def _expect_call(self, job: Job) -> BlockSampler:
         sampler = self.samplers[job.block]
@@ -192,7 +201,7 @@ def run_rank(stage: WanStage, plan: BlockPlan, sampling: Sampling, stats: RankSt
 
 
 def _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress):
-    context = stage.text(sampling.context)
+    context = stage.text(sampling.context, sampling.clip)
     batch = sampling.batch
     timer = _Timer(stats, stage.device)
     jobs = plan.jobs()

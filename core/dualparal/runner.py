@@ -58,7 +58,11 @@ class DualParalRequest:
 
     def validate(self, ranks: int) -> list:
         """Everything that can be checked before a process starts; returns each of `ranks` ranks' layers."""
-        check_supported(self.model, tuple(self.latent.shape))
+        image = self.sampling.image
+        check_supported(self.model, tuple(self.latent.shape), 0 if image is None else image.shape[1])
+        if image is not None and (image.shape[0] != self.sampling.batch or image.shape[2:] != self.latent.shape[2:]):
+            raise DualParalError(f"the image conditioning has shape {tuple(image.shape)}, the latent "
+                                 f"{tuple(self.latent.shape)}: make both with the same WanImageToVideo node.")
         if self.latent.shape[0] != 1:
             raise DualParalError(f"the latent holds a batch of {self.latent.shape[0]} videos; DualParal samples one "
                                  f"video at a time: set the batch size to 1.")

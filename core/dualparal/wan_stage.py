@@ -9,6 +9,7 @@ import importlib
 import inspect
 import json
 from contextlib import ExitStack, contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,16 +25,17 @@ from .schedule import DualParalError, Job
 from .wire import MalformedMessage, dtype_from_name, dtype_name
 
 
-def check_supported(model: nn.Module, latent_shape: tuple) -> None:
+def check_supported(model: nn.Module, latent_shape: tuple, image_channels: int = 0) -> None:
+    """`image_channels`: of the image conditioning concatenated to the input (WanImageToVideo's)."""
     family = family_of(model)  # the family's own root class: subclasses (VACE, camera) run other forwards
     if (family is None or not family.pipeline_parts or type(model).__name__ != family.root
             or not all(hasattr(model, part) for part in family.pipeline_parts)):
-        raise DualParalError(f"DualParal runs ComfyUI's Wan 2.1 / 2.2 text-to-video DiT; this MODEL holds "
-                             f"{type(model).__name__}. Load a Wan text-to-video model (e.g. wan2.1_t2v_1.3B).")
-    if getattr(model, "img_emb", None) is not None or model.patch_embedding.in_channels != model.out_dim:
-        raise DualParalError("this is an image-to-video Wan model (it needs CLIP image tokens or image latents "
-                             "concatenated to the input), which DualParal does not pass: use a text-to-video Wan "
-                             "2.1 / 2.2 model.")
+        raise DualParalError(f"DualParal runs ComfyUI's Wan 2.1 / 2.2 DiT (text- or image-to-video); this MODEL "
+                             f"holds {type(model).__name__}. Load a Wan model (e.g. wan2.1_t2v_1.3B).")
+    if model.patch_embedding.in_channels != model.out_dim + image_channels:
+        raise DualParalError(f"the model takes {model.patch_embedding.in_channels} input channels, the latent and its "
+                             f"image conditioning give {model.out_dim + image_channels}: an image-to-video model "
+                             f"needs WanImageToVideo's conditioning, a text-to-video model none.")
     channels, height, width = latent_shape[1], latent_shape[3], latent_shape[4]
     if channels != model.out_dim:
         raise DualParalError(f"the latent has {channels} channels, the model takes {model.out_dim}: make it with "
@@ -176,9 +178,15 @@ class WanStage:
         self.carries = [KVCarry() for _ in model.blocks]
         self._sinusoidal = host_function(model, "sinusoidal_embedding_1d")
         self._time = {}
+        self.context_img_len = None
 
-    def text(self, context: torch.Tensor) -> torch.Tensor:
-        return self.model.text_embedding(context.to(self.device, self.dtype))
+    def text(self, context: torch.Tensor, clip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks' cross-attention context, as forward_orig makes it (CLIP image tokens first)."""
+        context = self.model.text_embedding(context.to(self.device, self.dtype))
+        self.context_img_len = None if clip is None else clip.shape[-2]
+        if clip is not None and getattr(self.model, "img_emb", None) is not None:
+            context = torch.concat([self.model.img_emb(clip.to(self.device, self.dtype)), context], dim=1)
+        return context
 
     def time(self, timestep: float, batch: int) -> tuple:
         """(e, e0) of forward_orig for one timestep, cached per timestep."""
@@ -206,7 +214,7 @@ class WanStage:
         held_freqs = freqs[:, tokens:] if job.appended_frames else None
         for block, carry in zip(self.model.blocks, self.carries):
             carry.plan(keep, held_freqs)
-            hidden = block(hidden, e=e0, freqs=freqs[:, :tokens], context=context, context_img_len=None,
+            hidden = block(hidden, e=e0, freqs=freqs[:, :tokens], context=context, context_img_len=self.context_img_len,
                            transformer_options={KV_CARRY: carry})
         return hidden
 
