@@ -25,7 +25,7 @@ from devkit import model_fixtures  # noqa: E402
 from reporting import RESULTS, cpu_machine, flop_counter, pyplot, write_json  # noqa: E402
 from stock_peaks import BF16, GIB, wan  # noqa: E402
 
-FRAMES = [int(f) for f in sys.argv[1:]] or [81, 161, 321, 641]
+FRAMES = [int(f) for f in sys.argv[1:] if f.isdigit()] or [81, 161, 321, 641]
 RANKS = 4
 FRAMES_PER_BLOCK, CACHE_FRAMES, STEPS = 10, 5, 4  # latent frames; memory stops growing at STEPS blocks
 SLICED = dict(frame_chunks=4, group_ops=True)  # inside every rank: 4 token chunks (auto would take 31)
@@ -65,6 +65,24 @@ class FabricatedRing:
         self._in_flight.clear()
 
 
+class FabricatedFirstRank:
+    """The first rank's latent blocks and samplers, fabricated: each job's input is a fresh tensor
+    (of the model's input channels), predictions are dropped. Their state (a few latent blocks, MBs)
+    is left out of the replayed peak; the host's samplers cannot run on fake tensors."""
+
+    def __init__(self, channels, height, width, batch=2):
+        self.channels, self.height, self.width, self.batch = channels, height, width, batch
+
+    def input(self, job):
+        return torch.zeros(self.batch, self.channels, job.context_frames + job.frames, self.height, self.width)
+
+    def update(self, job, prediction):
+        pass
+
+    def close(self):
+        pass
+
+
 def sampling(steps, batch=2):
     from comfyui_streamline.core.dualparal import Sampling
     sigmas = [1.0 - i / steps for i in range(steps + 1)]  # memory and FLOPs do not depend on them
@@ -77,7 +95,7 @@ def rank_peak(meta_model, plan, rank, ranks, sliced=False):
     the rank's layers run with Feature Slicer + Operator Grouper (SLICED)."""
     from comfyui_streamline.core.slicing import SliceSettings
     from comfyui_streamline.core.dualparal import RankStats, layer_ranges
-    from comfyui_streamline.core.dualparal.pipeline import FirstRank, run_rank
+    from comfyui_streamline.core.dualparal.pipeline import run_rank
     from comfyui_streamline.core.dualparal.wan_stage import WanStage, rank_model, rank_prepared
 
     layers = layer_ranges(len(meta_model.blocks), ranks)[rank]
@@ -86,24 +104,25 @@ def rank_peak(meta_model, plan, rank, ranks, sliced=False):
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         stage = WanStage(model, BF16, torch.device("cpu"), HEIGHT, WIDTH)
         stats = RankStats(rank, "cpu", (layers.start, layers.stop))
-        shape = (1, 16, plan.frames, HEIGHT, WIDTH)
-        first = FirstRank(stage, plan, sampling(plan.steps), torch.zeros(shape), torch.zeros(shape),
-                          torch.zeros(shape)) if rank == 0 else None
+        first = FabricatedFirstRank(16, HEIGHT, WIDTH) if rank == 0 else None
         settings = SliceSettings(**SLICED) if sliced else None
-        with torch.inference_mode(), rank_prepared(model.blocks, settings, torch.device("cpu"), stats):
-            run_rank(stage, plan, sampling(plan.steps), stats, FabricatedRing(torch.device("cpu"), stats)
+        with torch.inference_mode(), rank_prepared([model.blocks], settings, torch.device("cpu"), stats):
+            run_rank([stage], plan, sampling(plan.steps), stats, FabricatedRing(torch.device("cpu"), stats)
                      if ranks > 1 else None, first)
     return stats.peak_bytes, weights, stats.sent_bytes
 
 
-def job_flops(meta_model, plan):
+def job_flops(meta_model, plan, make_sampling=None, channels=16):
     """FLOPs of every job of `plan` through the whole model (fake tensors), counted once per job
-    shape; a job that appends cached frames is preceded by an uncounted job that keeps them."""
+    shape; a job that appends cached frames is preceded by an uncounted job that keeps them.
+    `make_sampling()`: the run's Sampling (text context and CLIP tokens; made inside the fake mode),
+    `channels`: the model's input channels."""
     from comfyui_streamline.core.dualparal.schedule import Job
     from comfyui_streamline.core.dualparal.wan_stage import WanStage, feature_cache_installed
 
     by_shape = {}
     with FakeTensorMode():
+        settings = make_sampling() if make_sampling else sampling(plan.steps)
         model = model_fixtures.materialize_fake(meta_model)
         with torch.inference_mode(), feature_cache_installed(model.blocks):
             for job in plan.jobs():
@@ -111,12 +130,13 @@ def job_flops(meta_model, plan):
                 if key in by_shape:
                     continue
                 stage = WanStage(model, BF16, torch.device("cpu"), HEIGHT, WIDTH)
-                context = stage.text(sampling(plan.steps).context)
+                context = stage.text(settings.context, settings.clip)
                 e, e0 = stage.time(500.0, 2)
                 if job.appended_frames:
                     keeper = Job(0, 1, 0, 0, job.appended_frames, 0, job.appended_frames)
-                    stage.layers(stage.embed(torch.empty(2, 16, keeper.frames, HEIGHT, WIDTH)), keeper, e0, context)
-                latents = torch.empty(2, 16, job.context_frames + job.frames, HEIGHT, WIDTH)
+                    stage.layers(stage.embed(torch.empty(2, channels, keeper.frames, HEIGHT, WIDTH)), keeper, e0,
+                                 context)
+                latents = torch.empty(2, channels, job.context_frames + job.frames, HEIGHT, WIDTH)
                 with flop_counter() as counter:
                     stage.head(stage.layers(stage.embed(latents), job, e0, context), job, e)
                 by_shape[key] = counter.get_total_flops()

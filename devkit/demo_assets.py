@@ -29,6 +29,10 @@ OFFICIAL_NAME_FIXTURES = {
     "diffusion_models/wan2.1_i2v_480p_14B_fp16.safetensors": lambda p: save_wan_i2v_diffusion_model(p, seed=3),
     "diffusion_models/wan2.2_ti2v_5B_fp16.safetensors": lambda p: save_wan_diffusion_model(p, seed=4,
                                                                                           variant="2.2 ti2v 5B"),
+    "diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors": lambda p: save_wan_diffusion_model(
+        p, seed=5, variant="2.2 i2v A14B"),
+    "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors": lambda p: save_wan_diffusion_model(
+        p, seed=6, variant="2.2 i2v A14B"),
     "vae/wan_2.1_vae.safetensors": lambda p: save_wan_vae(p, seed=0),
     "checkpoints/svd_xt.safetensors": lambda p: save_svd_checkpoint(p, seed=0),
 }

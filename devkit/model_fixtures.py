@@ -4,6 +4,7 @@ Tiny models run on a CPU in seconds and are saved as safetensors that ComfyUI's 
 (ImageOnlyCheckpointLoader for SVD img2vid, UNETLoader and VAELoader for Wan 2.1). Full-size models are
 built on the meta device (no memory) for memory work under fake tensors.
 """
+import copy
 import logging
 import math
 import sys
@@ -87,6 +88,8 @@ WAN_VARIANTS = {  # variant -> (ComfyUI model config class, config changes)
     "2.1 t2v": ("WAN21_T2V", {}),
     "2.1 i2v": ("WAN21_I2V", {"model_type": "i2v", "in_dim": 36}),  # CLIP image tokens in cross-attention
     # first-last-frame: both images' CLIP tokens, with learnt positions (img_emb.emb_pos, ViT-H's 2 x 257)
+    # Wan 2.2 A14B image-to-video experts: the image latents concatenated to the input, no CLIP tokens
+    "2.2 i2v A14B": ("WAN21_T2V", {"in_dim": 36}),
     "2.1 flf2v": ("WAN21_I2V", {"model_type": "i2v", "in_dim": 36, "flf_pos_embed_token_number": 514}),
     "2.2 ti2v 5B": ("WAN22_T2V", {"in_dim": 48, "out_dim": 48}),  # per-frame timesteps from the denoise mask
 }
@@ -104,7 +107,11 @@ def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed
 
 
 def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
-    """The pack's core.memory.predictor.materialize_fake (fake weights for a meta module)."""
+    """The pack's core.memory.predictor.materialize_fake on a copy of a meta module (fake weights;
+    the meta module stays as it is, so it can be materialized again under another FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    with unset_fake_temporarily():
+        module = copy.deepcopy(module)
     return sys.modules[import_pack().__name__ + ".core.memory.predictor"].materialize_fake(module, device)
 
 

@@ -45,6 +45,8 @@ FIXTURE_PROFILE = {
     "wan2.1_i2v_480p_sliced": {"6": {**_WAN_SMALL, "length": 5}, "7": {"steps": 2}, "14": {"strip_chunks": 2}},
     "wan2.2_t2v_A14B_sliced": {"6": _WAN_SMALL, "7": {"steps": 4, "end_at_step": 2},
                                "27": {"steps": 4, "start_at_step": 2}, "14": {"strip_chunks": 2}},
+    "wan2.2_i2v_A14B_dualparal_long": {"6": {**_WAN_SMALL, "length": 25},
+                                       "7": {"steps": 4, "low_noise_from_step": 2, "devices": "cpu:2"}},
     "svd_xt_img2vid_sliced": {"4": {"width": 64, "height": 64, "video_frames": 14}, "6": {"steps": 2},
                               "11": {"frame_chunks": 4, "strip_chunks": 3}},
     "wan2.2_ti2v_5B_sliced": {"6": {"width": 64, "height": 64, "length": 9}, "7": {"steps": 3},

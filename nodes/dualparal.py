@@ -4,7 +4,7 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 from ..core.dualparal import (SAMPLERS, BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed,
                               check_sampler, cluster_address, flow_spec, parse_devices, read_key, run_in_process,
                               run_in_workers, run_on_cluster)
+from .planner import OOM_RETRY_KEY
 from .slicing import SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -77,21 +78,73 @@ def _image_conditioning(model, positive, negative, samples: torch.Tensor, cfg: f
 
 
 @contextmanager
-def _weights_for(model, devices, in_process: bool):
-    """The diffusion model with every patch applied: loaded by ComfyUI for a run here or for CPU
-    workers (which share the weights); for GPU workers and torchrun clusters patched on the CPU, after
-    ComfyUI has unloaded its models, so that each GPU holds only its own layers."""
+def _weights_for(models: list, devices, in_process: bool):
+    """Each MODEL's diffusion model with every patch applied: loaded by ComfyUI (together) for a run
+    here or for CPU workers (which share the weights); for GPU workers and torchrun clusters patched on
+    the CPU, after ComfyUI has unloaded its models, so that each GPU holds only its own layers."""
     import comfy.model_management
-    if in_process or all(d.type == "cpu" for d in devices) and model.load_device.type == "cpu":
-        comfy.model_management.load_models_gpu([model])
-        yield model.model.diffusion_model
+    if in_process or all(d.type == "cpu" for d in devices) and all(m.load_device.type == "cpu" for m in models):
+        comfy.model_management.load_models_gpu(models)
+        yield [model.model.diffusion_model for model in models]
         return
     comfy.model_management.unload_all_models()
-    model.patch_model(device_to=torch.device("cpu"))
-    try:
-        yield model.model.diffusion_model
-    finally:
-        model.unpatch_model(device_to=model.offload_device)
+    with ExitStack() as stack:
+        for model in models:
+            model.patch_model(device_to=torch.device("cpu"))
+            stack.callback(model.unpatch_model, device_to=model.offload_device)
+        yield [model.model.diffusion_model for model in models]
+
+
+# What a MODEL can carry that changes a sampling step beyond its weights, which DualParal's ranks do
+# not run (they are Python callables, and a rank runs the layers alone): refused rather than ignored.
+SAMPLER_PATCHES = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function",
+                   "sampler_calc_cond_batch_function", "model_function_wrapper", "denoise_mask_function")
+TRANSFORMER_PATCHES = ("patches", "patches_replace", "optimized_attention_override")
+OWN_HOOKS = {OOM_RETRY_KEY}  # the Memory Planner's retry: its slicing settings travel to the ranks
+
+
+def _check_no_unapplied_patches(model, name: str) -> None:
+    options = model.model_options
+    found = [key for key in SAMPLER_PATCHES if options.get(key)]
+    found += [f"transformer_options {key}" for key in TRANSFORMER_PATCHES
+              if options.get("transformer_options", {}).get(key)]
+    for kind in ("wrappers", "callbacks"):
+        for hook_type, keyed in getattr(model, kind, {}).items():
+            found += [f"{kind[:-1]} {hook_type} ({key})" for key, hooks in keyed.items()
+                      if hooks and key not in OWN_HOOKS]
+    if found:
+        raise DualParalError(f"the {name} carries patches that DualParal's ranks do not run ({', '.join(found)}), so "
+                             f"its output would differ from what they ask for: remove the nodes that add them (CFG, "
+                             f"guidance, attention or caching patches such as RescaleCFG, CFGZeroStar, "
+                             f"PerturbedAttention, EasyCache) before DualParal, or sample with KSampler.")
+
+
+def _low_noise_expert(model, low_noise_model, from_step: int, steps: int, dtype) -> int:
+    """The step from which `low_noise_model` runs (0 without one), after checking that the two
+    experts sample alike: the same model sampling, compute dtype and Feature Slicer settings."""
+    if low_noise_model is None:
+        return 0
+    if from_step < 1:
+        raise DualParalError(f"low_noise_from_step is {from_step}: the low-noise expert would run every step; set it "
+                             f"between 1 and {steps - 1} (ComfyUI's Wan 2.2 A14B workflows switch halfway).")
+    specs = []
+    for name, expert in (("model", model), ("low_noise_model", low_noise_model)):
+        try:
+            specs.append(flow_spec(expert.get_model_object("model_sampling")))
+        except DualParalError as error:
+            raise DualParalError(f"{name}: {error}") from None
+    high, low = specs
+    if high != low:
+        raise DualParalError(f"the experts' model sampling differs (high noise {high}, low noise {low}): give both the "
+                             f"same ModelSamplingSD3 shift, as ComfyUI's Wan 2.2 workflows do.")
+    low_dtype = low_noise_model.model.manual_cast_dtype or low_noise_model.model.get_dtype()
+    if low_dtype != dtype:
+        raise DualParalError(f"the experts compute in {dtype} and {low_dtype}: load both with the same weight dtype.")
+    settings = [m.model_options.get("transformer_options", {}).get(SETTINGS_KEY) for m in (model, low_noise_model)]
+    if settings[0] != settings[1]:
+        raise DualParalError("the experts have different Feature Slicer settings (or only one is sliced): give both "
+                             "the same Feature Slicer node settings, or slice neither.")
+    return from_step
 
 
 def _host_setup(cpu: bool) -> list:
@@ -119,6 +172,10 @@ def report(plan: BlockPlan, stats, seconds: float) -> str:
     lines = [f"DualParal: {len(plan.blocks)} blocks of {plan.frames_per_block} latent frames (cache "
              f"{plan.cache_frames}), {plan.steps} steps, {len(plan.jobs())} block forwards in {plan.iterations} "
              f"iterations, {seconds:.1f} s"]
+    if plan.expert_switch:
+        lines.append(f"experts: high noise for steps 0-{plan.expert_switch - 1}, low noise for steps "
+                     f"{plan.expert_switch}-{plan.steps - 1}; both resident on every rank (blocks on either side "
+                     f"of the switch are in flight at once), each rank holding its layers of both")
     for s in stats:
         lines.append(f"rank {s.rank} {s.device}: layers {s.layers[0]}-{s.layers[1] - 1}, compute {s.compute_s:.2f} s, "
                      f"waiting {s.wait_s:.2f} s, sent {s.sent_bytes / 2**20:.1f} MiB, "
@@ -127,7 +184,7 @@ def report(plan: BlockPlan, stats, seconds: float) -> str:
 
 
 def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, devices, frames_per_block,
-           cache_frames, denoise) -> tuple:
+           cache_frames, denoise, low_noise_model=None, low_noise_from_step=0) -> tuple:
     """(LATENT, [RankStats], seconds). Raises DualParalError for input it cannot run, before any
     process starts."""
     import comfy.model_management
@@ -143,7 +200,12 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
                              "remove Set Latent Noise Mask.")
     if denoise <= 0.0:
         return latent, [], 0.0  # as ComfyUI's samplers: nothing to denoise
-    plan = BlockPlan(samples.shape[2], frames_per_block, cache_frames, steps)
+    _check_no_unapplied_patches(model, "MODEL")
+    if low_noise_model is not None:
+        _check_no_unapplied_patches(low_noise_model, "low_noise_model")
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    switch = _low_noise_expert(model, low_noise_model, low_noise_from_step, steps, dtype)
+    plan = BlockPlan(samples.shape[2], frames_per_block, cache_frames, steps, switch)
     cluster = cluster_address(devices)
     cluster_key = _cluster_key(cluster) if cluster else None
     device_list = [] if cluster else parse_devices(devices, torch.cuda.device_count())
@@ -152,11 +214,13 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
     sampling = Sampling(sigmas=sigmas, timesteps=[float(model_sampling.timestep(s)) for s in sigmas[:-1]], cfg=cfg,
                         context=_context(positive, negative, cfg), sampler=sampler_name, seed=seed)
     sampling.image, sampling.clip = _image_conditioning(model, positive, negative, samples, cfg)
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
     request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
                                start.float(), seed, slicing, config=model.model.model_config.unet_config)
+    if switch:
+        request.low_noise_model = low_noise_model.get_model_object("diffusion_model")
+        request.low_noise_config = low_noise_model.model.model_config.unet_config
     request.validate(len(device_list) or 1)
     sampling.flow = flow_spec(model_sampling)  # after the check that names the model when it is not Wan
     in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
@@ -168,8 +232,10 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
         bar.update_absolute(done, total)
 
     started = time.perf_counter()
-    with _weights_for(model, device_list, in_process) as diffusion_model:
-        request.model = diffusion_model
+    with _weights_for([model] + ([low_noise_model] if switch else []), device_list, in_process) as diffusion_models:
+        request.model = diffusion_models[0]
+        if switch:
+            request.low_noise_model = diffusion_models[1]
         if in_process:
             output, stats = run_in_process(request, progress)
         elif cluster:
@@ -202,14 +268,15 @@ class DualParalSampler(io.ComfyNode):
             node_id="StreamlineDualParalSampler",
             display_name="DualParal Multi-GPU Sampler",
             category="Streamline/multi-gpu",
-            description="Samples a Wan text-to-video latent of any length block by block: blocks at decreasing "
+            description="Samples a Wan video latent of any length block by block: blocks at decreasing "
                         "noise levels move through the model's layers split over several GPUs (or CPU processes), "
                         "with each layer's keys/values of the neighbouring block cached. Memory per device does not "
                         "grow with the video's length. Each block is sampled by ComfyUI's own sampler with the "
-                        "MODEL's model sampling (ModelSamplingSD3 before it applies).",
+                        "MODEL's model sampling (ModelSamplingSD3 before it applies). Text-to-video, image-to-video "
+                        "(WanImageToVideo / WanFirstLastFrameToVideo conditioning) and Wan 2.2 A14B's two experts.",
             inputs=[
-                io.Model.Input("model", tooltip="A Wan 2.1 / 2.2 text-to-video model (Feature Slicer settings apply "
-                                                "inside every rank)."),
+                io.Model.Input("model", tooltip="A Wan 2.1 / 2.2 model; for Wan 2.2 A14B the high-noise expert "
+                                                "(Feature Slicer settings apply inside every rank)."),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image", tooltip="Its length is the video's length."),
@@ -228,6 +295,13 @@ class DualParalSampler(io.ComfyNode):
                                      "frames as tokens and the next block's first frames through the feature cache. "
                                      "Below frames per block."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Model.Input("low_noise_model", optional=True,
+                               tooltip="Wan 2.2 A14B: the low-noise expert (`model` is then the high-noise one), "
+                                       "split over the same ranks. Steps from low_noise_from_step on run it, as the "
+                                       "second of ComfyUI's two KSamplerAdvanced nodes does."),
+                io.Int.Input("low_noise_from_step", default=10, min=1, max=10000, optional=True,
+                             tooltip="With a low-noise expert: its first step (ComfyUI's Wan 2.2 workflows switch "
+                                     "halfway, e.g. 10 of 20)."),
             ],
             outputs=[io.Latent.Output(),
                      io.String.Output("report", tooltip="Per rank: layers, compute and waiting time, data sent, "
@@ -236,14 +310,18 @@ class DualParalSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, devices,
-                frames_per_block, cache_frames, denoise) -> io.NodeOutput:
+                frames_per_block, cache_frames, denoise, low_noise_model=None,
+                low_noise_from_step=10) -> io.NodeOutput:
         try:
             latent, stats, seconds = sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
-                                            scheduler, devices, frames_per_block, cache_frames, denoise)
+                                            scheduler, devices, frames_per_block, cache_frames, denoise,
+                                            low_noise_model, low_noise_from_step)
         except DualParalError as error:
             raise ValueError(f"DualParal Multi-GPU Sampler: {error}") from None
         if not stats:
             return io.NodeOutput(latent, "DualParal: denoise 0, the latent is returned unchanged")
-        text = report(BlockPlan(latent_image["samples"].shape[2], frames_per_block, cache_frames, steps), stats, seconds)
+        plan = BlockPlan(latent_image["samples"].shape[2], frames_per_block, cache_frames, steps,
+                         low_noise_from_step if low_noise_model is not None else 0)
+        text = report(plan, stats, seconds)
         log.info(text)
         return io.NodeOutput(latent, text)

@@ -23,6 +23,10 @@ WAN21_T2V = "wan2.1_t2v_1.3B_fp16.safetensors"
 WAN21_I2V = "wan2.1_i2v_480p_14B_fp16.safetensors"
 WAN22_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
 WAN22_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+# DualParal sends each rank its layers, which fp8-scaled layers cannot be: the fp16 files of the same
+# repository (ComfyUI's templates name their fp8_scaled twins)
+WAN22_I2V_HIGH = "wan2.2_i2v_high_noise_14B_fp16.safetensors"
+WAN22_I2V_LOW = "wan2.2_i2v_low_noise_14B_fp16.safetensors"
 WAN22_5B = "wan2.2_ti2v_5B_fp16.safetensors"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
@@ -36,6 +40,8 @@ WAN22_REPO = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolv
 MODEL_URLS = {
     WAN21_T2V: f"{WAN21_REPO}/diffusion_models/{WAN21_T2V}", WAN21_I2V: f"{WAN21_REPO}/diffusion_models/{WAN21_I2V}",
     WAN22_HIGH: f"{WAN22_REPO}/diffusion_models/{WAN22_HIGH}", WAN22_LOW: f"{WAN22_REPO}/diffusion_models/{WAN22_LOW}",
+    WAN22_I2V_HIGH: f"{WAN22_REPO}/diffusion_models/{WAN22_I2V_HIGH}",
+    WAN22_I2V_LOW: f"{WAN22_REPO}/diffusion_models/{WAN22_I2V_LOW}",
     WAN22_5B: f"{WAN22_REPO}/diffusion_models/{WAN22_5B}", UMT5: f"{WAN21_REPO}/text_encoders/{UMT5}",
     WAN21_VAE: f"{WAN21_REPO}/vae/{WAN21_VAE}", WAN22_VAE: f"{WAN22_REPO}/vae/{WAN22_VAE}",
     CLIP_VISION_H: f"{WAN21_REPO}/clip_vision/{CLIP_VISION_H}",
@@ -130,7 +136,7 @@ def wan21_t2v_dualparal():
     return {**base, "7": n("StreamlineDualParalSampler", "DualParal Multi-GPU Sampler", model=["5", 0],
                            positive=["3", 0], negative=["4", 0], latent_image=["6", 0], seed=7, steps=30, cfg=6.0,
                            sampler_name="uni_pc", scheduler="simple", devices="auto", frames_per_block=4,
-                           cache_frames=2, denoise=1.0),
+                           cache_frames=2, denoise=1.0, low_noise_from_step=10),  # the widget's default: one model
             "12": n("PreviewAny", "DualParal report", source=["7", 1]),
             **outputs("wan21_t2v_dualparal", ["8", 0], ["7", 0])}
 
@@ -175,6 +181,29 @@ def wan22_a14b():
         "27": advanced(["23", 0], ["7", 0], "disable", 10, 10000, "disable", 0),
         "8": n("VAEDecode", "VAE Decode", samples=["27", 0], vae=["14", 0]),
         **outputs("wan22_t2v_a14b_sliced", ["8", 0], ["27", 0]),
+    }
+
+
+def wan22_i2v_dualparal():
+    return {
+        "1": n("UNETLoader", "Load Wan 2.2 I2V A14B high noise (diffusion_models)", unet_name=WAN22_I2V_HIGH,
+               weight_dtype="default"),
+        "21": n("UNETLoader", "Load Wan 2.2 I2V A14B low noise (diffusion_models)", unet_name=WAN22_I2V_LOW,
+                weight_dtype="default"),
+        "2": n("VAELoader", "Load Wan 2.1 VAE (vae)", vae_name=WAN21_VAE),
+        **text_encoders(I2V_PROMPT),
+        "18": n("LoadImage", "Start image", image=START_IMAGE),
+        "5": n("ModelSamplingSD3", "Shift (high noise)", model=["1", 0], shift=8.0),
+        "25": n("ModelSamplingSD3", "Shift (low noise)", model=["21", 0], shift=8.0),
+        "6": n("WanImageToVideo", "Wan image to video", positive=["3", 0], negative=["4", 0], vae=["2", 0],
+               width=832, height=480, length=161, batch_size=1, start_image=["18", 0]),
+        "7": n("StreamlineDualParalSampler", "DualParal Multi-GPU Sampler (both experts)", model=["5", 0],
+               positive=["6", 0], negative=["6", 1], latent_image=["6", 2], seed=7, steps=20, cfg=3.5,
+               sampler_name="euler", scheduler="simple", devices="auto", frames_per_block=4, cache_frames=2,
+               denoise=1.0, low_noise_model=["25", 0], low_noise_from_step=10),
+        "8": n("VAEDecode", "VAE Decode", samples=["7", 0], vae=["2", 0]),
+        "12": n("PreviewAny", "DualParal report", source=["7", 1]),
+        **outputs("wan22_i2v_a14b_dualparal", ["8", 0], ["7", 0]),
     }
 
 
@@ -264,6 +293,13 @@ NOTES = {
         "each expert has its own Feature Slicer -> Operator Grouper, the VAE its VAE Slicer; Memory Monitor.\n\n"
         f"Files:\n- models/diffusion_models/{WAN22_HIGH}\n- models/diffusion_models/{WAN22_LOW}\n"
         f"- models/text_encoders/{UMT5}\n- models/vae/{WAN21_VAE}\n"),
+    "wan2.2_i2v_A14B_dualparal_long": (
+        "A long Wan 2.2 image-to-video A14B video (161 frames = 10 s at 16 fps) with the DualParal Multi-GPU Sampler: "
+        "both experts split over the same GPUs (devices 'auto'), the high-noise one for steps 0-9, the low-noise one "
+        "from step 10 (as ComfyUI's two-KSamplerAdvanced workflow); every GPU holds its layers of both. "
+        "'DualParal report' shows each rank's layers, time and peak.\n\n"
+        f"Files:\n- models/diffusion_models/{WAN22_I2V_HIGH}\n- models/diffusion_models/{WAN22_I2V_LOW}\n"
+        f"- models/text_encoders/{UMT5}\n- models/vae/{WAN21_VAE}\n\n" + INPUT_NOTE.format(image=START_IMAGE)),
     "wan2.2_ti2v_5B_sliced": (
         "Wan 2.2 TI2V 5B (text + start image to video, 1280x704, 24 fps), sliced (Feature Slicer -> Operator Grouper, "
         "VAE Slicer on the Wan 2.2 VAE); Memory Monitor. For text-to-video, remove the start image link.\n\n"
@@ -286,6 +322,7 @@ SPECS = {
     "wan2.1_t2v_1.3B_sliced": wan21_t2v_sliced, "wan2.1_t2v_1.3B_planner": wan21_t2v_planner,
     "wan2.1_t2v_1.3B_dualparal_long": wan21_t2v_dualparal, "wan2.1_i2v_480p_sliced": wan21_i2v,
     "wan2.2_t2v_A14B_sliced": wan22_a14b, "wan2.2_ti2v_5B_sliced": wan22_ti2v_5b,
+    "wan2.2_i2v_A14B_dualparal_long": wan22_i2v_dualparal,
     "svd_xt_img2vid_sliced": svd_xt, "cmd_reconstruction": cmd_reconstruction, "cmd_generation": cmd_generation,
 }
 

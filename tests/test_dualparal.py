@@ -253,6 +253,47 @@ def test_dualparal_workflow_runs_through_the_api_with_two_ranks_like_one(comfy_s
     assert not _server_workers(comfy_server)
 
 
+def test_the_wan22_a14b_image_to_video_workflow_runs_both_experts_through_the_api(comfy_server):
+    """The long A14B image-to-video example: WanImageToVideo's conditioning, both experts on two CPU
+    ranks, decoded and saved; one rank samples the same latent; the stock two-KSamplerAdvanced graph
+    on the same models gives it too when the whole latent is one block without cache."""
+    from test_server_api import _frames, _saved
+
+    prompt = load_workflow("wan2.2_i2v_A14B_dualparal_long")
+    two = comfy_server.run(prompt)
+    assert two.status == "success", two.error
+    videos = _saved(two, comfy_server, ".webp")
+    assert len(videos) == 1 and _frames(videos[0]) == prompt["6"]["inputs"]["length"]
+    report = two.outputs["12"]["text"][0]
+    assert "experts: high noise for steps 0-1, low noise for steps 2-3; both resident on every rank" in report
+    prompt["7"]["inputs"]["devices"] = "cpu:1"
+    one = comfy_server.run(prompt)
+    assert one.status == "success", one.error
+    assert relative_difference(_saved_latent(two, comfy_server), _saved_latent(one, comfy_server)) <= SAMPLING_TOLERANCE
+    dualparal_node = prompt["7"]["inputs"]
+    dualparal_node.update(frames_per_block=7, cache_frames=0)  # 25 frames: 7 latent frames, one block
+    whole = comfy_server.run(prompt)
+    assert whole.status == "success", whole.error
+    shared = {k: dualparal_node[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "positive", "negative")}
+    prompt["7"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **shared, "model": dualparal_node["model"], "add_noise": "enable", "noise_seed": dualparal_node["seed"],
+        "latent_image": dualparal_node["latent_image"], "start_at_step": 0, "end_at_step": 2,
+        "return_with_leftover_noise": "enable"}}
+    prompt["27"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **shared, "model": dualparal_node["low_noise_model"], "add_noise": "disable",
+        "noise_seed": dualparal_node["seed"], "latent_image": ["7", 0], "start_at_step": 2, "end_at_step": 10000,
+        "return_with_leftover_noise": "disable"}}
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if value == ["7", 0] and node is not prompt["27"]:
+                node["inputs"][name] = ["27", 0]
+    del prompt["12"]
+    stock = comfy_server.run(prompt)
+    assert stock.status == "success", stock.error
+    assert relative_difference(_saved_latent(whole, comfy_server), _saved_latent(stock, comfy_server)) <= 1e-4
+    assert not _server_workers(comfy_server)
+
+
 def test_interrupting_a_dualparal_prompt_stops_its_workers_and_the_next_prompt_runs(comfy_server):
     import json
     import uuid
@@ -367,3 +408,119 @@ def test_image_conditioning_that_does_not_fit_the_model_is_refused(wan3, wan_i2v
     with pytest.raises(ValueError, match="make both with the same WanImageToVideo node"):
         DualParalSampler.execute(model=wan_i2v, **{**inputs, "latent_image": empty_latent(6, 6, 8)})
     assert not worker_processes()
+
+
+@pytest.fixture(scope="module")
+def low_noise3(pack):
+    """A second expert of the same structure as `wan3`, other weights (Wan 2.2 A14B's low-noise one)."""
+    return patcher(build_wan("tiny", layers=3, seed=11))
+
+
+def two_experts(high, low, latent, devices, switch, frames_per_block=2, cache_frames=1, steps=4, sampler="euler",
+                seed=5):
+    from comfyui_streamline.nodes.dualparal import sample
+    return sample(high, POSITIVE, NEGATIVE, latent, seed, steps, 4.0, sampler, "simple", devices, frames_per_block,
+                  cache_frames, 1.0, low, switch)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "uni_pc"])
+def test_two_experts_with_one_block_sample_like_the_stock_two_ksampler_advanced_workflow(wan3, low_noise3, sampler):
+    """Wan 2.2 A14B as ComfyUI's workflows run it: the high-noise expert for steps 0-1 (leftover noise
+    returned), the low-noise one from step 2 (no noise added), both after ModelSamplingSD3."""
+    import nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    high, low = (ModelSamplingSD3().patch(m, 8.0)[0] for m in (wan3, low_noise3))
+    latent = empty_latent(5)
+    first = nodes.KSamplerAdvanced().sample(high, "enable", 5, 4, 4.0, sampler, "simple", POSITIVE, NEGATIVE, latent,
+                                            0, 2, "enable")[0]
+    stock = nodes.KSamplerAdvanced().sample(low, "disable", 5, 4, 4.0, sampler, "simple", POSITIVE, NEGATIVE, first,
+                                            2, 10000, "disable")[0]
+    ours, stats, _ = two_experts(high, low, latent, "cpu:1", 2, frames_per_block=5, cache_frames=0, sampler=sampler)
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+    high_only, _, _ = two_experts(high, None, latent, "cpu:1", 2, frames_per_block=5, cache_frames=0, sampler=sampler)
+    assert relative_difference(high_only["samples"], ours["samples"]) > 1e-3  # the low-noise expert ran
+
+
+def test_two_experts_over_ranks_give_the_latent_of_one_rank(wan3, low_noise3):
+    """Blocks on both sides of the switch in flight at once; every rank holds its layers of both."""
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    one, _, _ = two_experts(wan3, low_noise3, empty_latent(7), "cpu:1", 2, sampler="uni_pc")
+    three, _, _ = two_experts(wan3, low_noise3, empty_latent(7), "cpu:3", 2, sampler="uni_pc")
+    assert relative_difference(three["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    assert not worker_processes()
+    out = DualParalSampler.execute(model=wan3, positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4),
+                                   seed=0, steps=4, cfg=4.0, sampler_name="euler", scheduler="simple", devices="cpu:2",
+                                   frames_per_block=2, cache_frames=1, denoise=1.0, low_noise_model=low_noise3,
+                                   low_noise_from_step=3)
+    report = out.result[1] if hasattr(out, "result") else out[1]
+    assert "experts: high noise for steps 0-2, low noise for steps 3-3; both resident on every rank" in report
+
+
+def test_experts_that_do_not_pair_are_refused_before_any_process(wan3, low_noise3):
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    inputs = dict(positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=4, cfg=4.0,
+                  sampler_name="euler", scheduler="simple", devices="cpu:2", frames_per_block=2, cache_frames=1,
+                  denoise=1.0)
+    two_layers = patcher(build_wan("tiny", layers=2, seed=11))
+    with pytest.raises(ValueError, match="the low-noise expert does not match the model .layers 3 vs 2.: give the two "
+                                         "experts of one Wan 2.2 A14B model"):
+        DualParalSampler.execute(model=wan3, low_noise_model=two_layers, low_noise_from_step=2, **inputs)
+    with pytest.raises(ValueError, match="set low_noise_from_step between 1 and 3"):
+        DualParalSampler.execute(model=wan3, low_noise_model=low_noise3, low_noise_from_step=4, **inputs)
+    with pytest.raises(ValueError, match="the experts' model sampling differs"):
+        DualParalSampler.execute(model=ModelSamplingSD3().patch(wan3, 5.0)[0], low_noise_model=low_noise3,
+                                 low_noise_from_step=2, **inputs)
+    with pytest.raises(ValueError, match="low_noise_model: the MODEL's model sampling is .*, not Wan's flow matching"):
+        DualParalSampler.execute(model=wan3, low_noise_model=patcher(build_svd("tiny")), low_noise_from_step=2,
+                                 **inputs)
+    assert not worker_processes()
+
+
+def test_sampler_and_attention_patches_it_cannot_run_are_refused_not_ignored(wan3, low_noise3):
+    """CFG functions, attention patches and wrappers live in the MODEL's options as Python callables
+    that the ranks do not run: refused before any process, naming them; its own slicing settings and
+    the Memory Planner's retry pass."""
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+    from comfyui_streamline.nodes.planner import MemoryPlanner
+
+    inputs = dict(positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=2, cfg=4.0,
+                  sampler_name="euler", scheduler="simple", devices="cpu:1", frames_per_block=2, cache_frames=1,
+                  denoise=1.0)
+    rescaled = RescaleCFG().patch(wan3, 0.7)[0]
+    with pytest.raises(ValueError, match=r"the MODEL carries patches that DualParal's ranks do not run "
+                                         r"\(sampler_cfg_function\)"):
+        DualParalSampler.execute(model=rescaled, **inputs)
+    attention = wan3.clone()
+    attention.set_model_attn1_patch(lambda q, k, v, extra_options: (q, k, v))
+    with pytest.raises(ValueError, match=r"the low_noise_model carries patches .*transformer_options patches"):
+        DualParalSampler.execute(model=wan3, low_noise_model=attention, low_noise_from_step=1, **inputs)
+    wrapped = wan3.clone()
+    wrapped.add_wrapper_with_key("outer_sample", "some_cache", lambda executor, *a, **k: executor(*a, **k))
+    with pytest.raises(ValueError, match=r"wrapper outer_sample \(some_cache\)"):
+        DualParalSampler.execute(model=wrapped, **inputs)
+    planned = node_output(MemoryPlanner, wan3, empty_latent(4), 64.0, True)
+    assert "experts" not in DualParalSampler.execute(model=planned, **inputs).result[1]
+
+
+def test_layers_that_cannot_be_sent_to_workers_are_refused_before_any_process(pack):
+    """ComfyUI makes fp8-scaled / quantized layer classes inside functions: pickling them to a worker
+    would fail deep inside multiprocessing. A run in ComfyUI's own process does not send them."""
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    model = patcher(build_wan("tiny", layers=2))
+    linear = model.model.diffusion_model.blocks[0].ffn[0]
+
+    class ScaledLinear(type(linear)):  # defined in a function, as ComfyUI's scaled_fp8_ops / mixed_precision_ops
+        pass
+    linear.__class__ = ScaledLinear
+    inputs = dict(model=model, positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=2,
+                  cfg=4.0, sampler_name="euler", scheduler="simple", frames_per_block=2, cache_frames=1, denoise=1.0)
+    with pytest.raises(ValueError, match="fp8-scaled or quantized weights.*load the fp16 / bf16 files"):
+        DualParalSampler.execute(devices="cpu:2", **inputs)
+    assert not worker_processes()
+    assert DualParalSampler.execute(devices="cpu:1", **inputs).result[0]["samples"].abs().max() > 0

@@ -19,14 +19,19 @@ OFFICIAL_FILES = {
     "wan2.2_ti2v_5B_fp16.safetensors": "diffusion_models", "umt5_xxl_fp8_e4m3fn_scaled.safetensors": "text_encoders",
     "wan_2.1_vae.safetensors": "vae", "wan2.2_vae.safetensors": "vae", "clip_vision_h.safetensors": "clip_vision",
     "svd_xt.safetensors": "checkpoints",
+    # fp16 files of the repository whose fp8_scaled twins ComfyUI's templates name (DualParal needs them)
+    "wan2.2_i2v_high_noise_14B_fp16.safetensors": "diffusion_models",
+    "wan2.2_i2v_low_noise_14B_fp16.safetensors": "diffusion_models",
 }
+FP16_TWIN_OF = {"wan2.2_i2v_high_noise_14B_fp16.safetensors": "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+                "wan2.2_i2v_low_noise_14B_fp16.safetensors": "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"}
 LOADERS = {"UNETLoader": "unet_name", "CLIPLoader": "clip_name", "VAELoader": "vae_name",
            "CLIPVisionLoader": "clip_name", "ImageOnlyCheckpointLoader": "ckpt_name"}
 
 
 def test_the_served_folder_holds_only_ui_workflows_their_thumbnails_and_inputs():
     assert not (REPO_ROOT / "workflows").exists()  # ComfyUI would serve it too
-    assert len(NAMES) == 9
+    assert len(NAMES) == 10
     for path in EXAMPLES_DIR.iterdir():
         if path.is_dir():
             assert path.name == "input"
@@ -79,7 +84,10 @@ def test_each_loader_carries_its_download_as_comfyuis_templates_do():
                 [model] = node["properties"]["models"]
                 assert model["name"] == node["widgets_values"][0]
                 assert model["directory"] == OFFICIAL_FILES[model["name"]]
-                assert (model["url"], model["directory"]) in downloads[model["name"]], (name, model)
+                twin = FP16_TWIN_OF.get(model["name"])
+                expected = {(url.replace(twin, model["name"]), folder) for url, folder in downloads[twin]} if twin \
+                    else downloads[model["name"]]
+                assert (model["url"], model["directory"]) in expected, (name, model)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -41,6 +41,7 @@ ALLOWED_VARIABLE = "STREAMLINE_DUALPARAL_CLUSTERS"
 MIN_KEY_LENGTH = 16
 RETIRED_KEYS = {"streamline-dualparal"}  # the public default of earlier versions
 DEFAULT_PORT = 29501
+MAX_EXPERTS = 2  # Wan 2.2 A14B's high- and low-noise experts
 IDLE_TIMEOUT = timedelta(days=365)  # ranks other than 0 wait for the next request on the control group
 NEW_KEY_HINT = "python -c \"import secrets; print(secrets.token_urlsafe(32))\" > FILE && chmod 600 FILE"
 
@@ -115,7 +116,6 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
     """One rank's part of a DualParalRequest as a message (the inverse of `payload_from_message`)."""
     world, layers = len(ranges), ranges[rank]
     first, last = rank == 0, rank == world - 1
-    part = rank_model(request.model, layers, first=first, last=last)
     latent, noise, _ = first_rank_tensors
     meta = {"rank": rank, "world": world, "layers": [layers.start, layers.stop], "dtype": wire.dtype_name(request.dtype),
             "latent_shape": list(latent.shape), "plan": asdict(request.plan),
@@ -123,8 +123,9 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
                          "sampler": request.sampling.sampler, "flow": request.sampling.flow,
                          "seed": int(request.sampling.seed)},
             "slicing": None if request.slicing is None else asdict(request.slicing),
-            "model": rank_model_description(request.model, request.config, layers, first, last)}
-    tensors = {f"model.{name}": value for name, value in part.state_dict().items()}
+            "models": [rank_model_description(model, config, layers, first, last) for model, config in request.experts]}
+    tensors = {f"model{index}.{name}": value for index, (model, _) in enumerate(request.experts)
+               for name, value in rank_model(model, layers, first=first, last=last).state_dict().items()}
     tensors.update(sigmas=request.sampling.sigmas, context=request.sampling.context,
                    **({"latent": latent, "noise": noise} if first else {}),
                    **({"clip": request.sampling.clip} if request.sampling.clip is not None else {}),
@@ -137,10 +138,15 @@ def payload_from_message(data: bytes) -> dict:
     meta, tensors = wire.decode(data)
     try:
         rank, world = int(meta["rank"]), int(meta["world"])
-        weights = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+        descriptions = meta["models"]
+        if not isinstance(descriptions, list) or not 1 <= len(descriptions) <= MAX_EXPERTS:
+            raise MalformedMessage(f"a request for {descriptions!r} models (1 to {MAX_EXPERTS})")
+        models = [rebuild_rank_model(description, {name[len(f"model{index}."):]: value for name, value in tensors.items()
+                                                   if name.startswith(f"model{index}.")})
+                  for index, description in enumerate(descriptions)]
         payload = {"rank": rank, "world": world, "layers": tuple(int(i) for i in meta["layers"]),
                    "dtype": wire.dtype_from_name(meta["dtype"]),
-                   "model": rebuild_rank_model(meta["model"], weights),
+                   "models": models,
                    "latent_shape": tuple(int(i) for i in meta["latent_shape"]), "plan": dict(meta["plan"]),
                    "sampling": _sampling(meta["sampling"], tensors),
                    "slicing": None if meta["slicing"] is None else dict(meta["slicing"])}

@@ -142,8 +142,10 @@ class FirstRank:
             x = self.model_sampling.noise_scaling(
                 sigmas[:1], self.noise[:, :, frames.start:frames.stop].to(self.stage.device),
                 self.latent[:, :, frames.start:frames.stop].to(self.stage.device))
-            self.samplers[job.block] = BlockSampler(self.function, self.model_sampling, x, sigmas, self.sampling.seed,
-                                                    self.sampler_noise.sampler(job.block, x))
+            switch = self.plan.expert_switch
+            phases = [sigmas[:switch + 1], sigmas[switch:]] if switch else [sigmas]
+            self.samplers[job.block] = BlockSampler(self.function, self.model_sampling, x, phases, self.sampling.seed,
+                                                    lambda start, block=job.block: self.sampler_noise.sampler(block, start))
         sampler = self._expect_call(job)
         own = sampler.x
         if job.context_frames:
@@ -189,21 +191,22 @@ class FirstRank:
         self.samplers.clear()
 
 
-def run_rank(stage: WanStage, plan: BlockPlan, sampling: Sampling, stats: RankStats, ring: Optional[Ring] = None,
+def run_rank(stages: list, plan: BlockPlan, sampling: Sampling, stats: RankStats, ring: Optional[Ring] = None,
              first_rank: Optional[FirstRank] = None, progress: Callable[[int, int], None] = lambda done, total: None):
-    """Runs every job of `plan` on this rank. The first rank passes `first_rank`; with one rank
-    (no ring) it runs the whole model and updates in place."""
+    """Runs every job of `plan` on this rank: `stages` holds the rank's WanStage of each expert (one
+    for a single model). The first rank passes `first_rank`; with one rank (no ring) it runs the
+    whole model and updates in place."""
     try:
-        _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress)
+        _run_jobs(stages, plan, sampling, stats, ring, first_rank, progress)
     finally:
         if first_rank is not None:
             first_rank.close()
 
 
-def _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress):
-    context = stage.text(sampling.context, sampling.clip)
+def _run_jobs(stages, plan, sampling, stats, ring, first_rank, progress):
+    contexts = [stage.text(sampling.context, sampling.clip) for stage in stages]
     batch = sampling.batch
-    timer = _Timer(stats, stage.device)
+    timer = _Timer(stats, stages[0].device)
     jobs = plan.jobs()
     pending = deque()
     done = 0
@@ -216,6 +219,7 @@ def _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress):
         progress(done, len(jobs))
 
     for job in jobs:
+        stage = stages[job.expert]
         e, e0 = stage.time(sampling.timesteps[job.step], batch)
         if stage.first:
             while any(p.iteration < job.iteration and p.block in (job.block, job.block - 1) for p, _ in pending):
@@ -226,7 +230,7 @@ def _run_jobs(stage, plan, sampling, stats, ring, first_rank, progress):
         with timer:
             if stage.first:
                 hidden = stage.embed(hidden)
-            hidden = stage.layers(hidden, job, e0, context)
+            hidden = stage.layers(hidden, job, e0, contexts[job.expert])
             if stage.last:
                 hidden = stage.head(hidden, job, e)
         if ring is None:

@@ -14,7 +14,7 @@ from .noise import coordinated_noise
 from .pipeline import FirstRank, RankStats, Sampling, run_rank
 from .processes import POLL_S, WorkerError, run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
-from .wan_stage import WanStage, check_supported, rank_model, rank_prepared
+from .wan_stage import WanStage, check_experts_match, check_sendable, check_supported, rank_model, rank_prepared
 from .wire import MalformedMessage
 
 
@@ -55,11 +55,25 @@ class DualParalRequest:
     seed: int
     slicing: Optional[SliceSettings] = None
     config: Optional[dict] = None  # the model's constructor arguments (ComfyUI's unet_config), for clusters
+    # Wan 2.2 A14B: the low-noise expert, run from plan.expert_switch on (`model` is the high-noise one)
+    low_noise_model: Optional[nn.Module] = None
+    low_noise_config: Optional[dict] = None
+
+    @property
+    def experts(self) -> list:
+        """(model, config) of each expert, the high-noise one (or the only model) first."""
+        return [(self.model, self.config)] + ([(self.low_noise_model, self.low_noise_config)]
+                                              if self.low_noise_model is not None else [])
 
     def validate(self, ranks: int) -> list:
         """Everything that can be checked before a process starts; returns each of `ranks` ranks' layers."""
         image = self.sampling.image
-        check_supported(self.model, tuple(self.latent.shape), 0 if image is None else image.shape[1])
+        for model, _ in self.experts:
+            check_supported(model, tuple(self.latent.shape), 0 if image is None else image.shape[1])
+        if self.low_noise_model is not None:
+            check_experts_match(self.model, self.low_noise_model)
+        if (self.low_noise_model is None) != (self.plan.expert_switch == 0):
+            raise DualParalError("the block plan's expert switch does not match the experts given")
         if image is not None and (image.shape[0] != self.sampling.batch or image.shape[2:] != self.latent.shape[2:]):
             raise DualParalError(f"the image conditioning has shape {tuple(image.shape)}, the latent "
                                  f"{tuple(self.latent.shape)}: make both with the same WanImageToVideo node.")
@@ -77,12 +91,11 @@ def run_in_process(request: DualParalRequest, progress: Callable[[int, int], Non
     device = request.devices[0]
     noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
     output = torch.zeros_like(request.latent)
-    model = request.model
-    stage = WanStage(model, request.dtype, device, *request.latent.shape[3:])
+    stages = [WanStage(model, request.dtype, device, *request.latent.shape[3:]) for model, _ in request.experts]
     stats = RankStats(0, str(device), (ranges[0].start, ranges[0].stop))
-    with rank_prepared(model.blocks, request.slicing, device, stats):
-        run_rank(stage, request.plan, request.sampling, stats, None,
-                 FirstRank(stage, request.plan, request.sampling, request.latent, noise, output), progress)
+    with rank_prepared([stage.model.blocks for stage in stages], request.slicing, device, stats):
+        run_rank(stages, request.plan, request.sampling, stats, None,
+                 FirstRank(stages[0], request.plan, request.sampling, request.latent, noise, output), progress)
     return output, [stats]
 
 
@@ -98,6 +111,8 @@ def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callab
     its layers; the weights are shared with this process, not copied. `init_file`: a path no other
     run uses, for the process group's rendezvous."""
     ranges = request.validate(len(request.devices))
+    for model, _ in request.experts:
+        check_sendable(model)
     backends = {d.type for d in request.devices}
     if len(backends) > 1:
         raise DualParalError("devices mix CPU and GPUs; use GPUs only or cpu:N only.")
@@ -197,7 +212,7 @@ def _rank_payload(request: DualParalRequest, rank: int, ranges: list, first_rank
     world, layers, first = len(ranges), ranges[rank], rank == 0
     latent, noise, output = first_rank_tensors
     return {"rank": rank, "world": world, "layers": (layers.start, layers.stop), "dtype": request.dtype,
-            "model": rank_model(request.model, layers, first=first, last=rank == world - 1),
+            "models": [rank_model(model, layers, first=first, last=rank == world - 1) for model, _ in request.experts],
             "latent_shape": tuple(latent.shape), "plan": asdict(request.plan),
             "sampling": dict(vars(request.sampling)),
             "slicing": None if request.slicing is None else asdict(request.slicing),

@@ -83,24 +83,33 @@ class _Cancelled(BaseException):
 
 class BlockSampler:
     """The host's sampler function on one block, paused at each model call. `x` and `sigma`: the
-    model input and sigma of the call it waits on; once `finished`, `x` is its result."""
+    model input and sigma of the call it waits on; once `finished`, `x` is its result.
 
-    def __init__(self, function: Callable, model_sampling, x: torch.Tensor, sigmas: torch.Tensor, seed: int,
-                 noise_sampler: Optional[Callable] = None):
+    `phases`: the sigmas of each run of the function; the next run starts from the previous one's
+    result as a second KSamplerAdvanced does (no noise added, new sampler state). `noise_for(x)`: the
+    noise sampler of a run starting at `x`."""
+
+    def __init__(self, function: Callable, model_sampling, x: torch.Tensor, phases: list, seed: int,
+                 noise_for: Optional[Callable] = None):
         self._requests, self._replies = queue.Queue(1), queue.Queue(1)
         self.finished, self.calls = False, 0
         inference = torch.is_inference_mode_enabled()
         patcher = SimpleNamespace(get_model_object=lambda name: model_sampling)
         model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=model_sampling), model_patcher=patcher)
         caller = _ModelCall(self, model)
-        options = {"noise_sampler": noise_sampler} if (
-            noise_sampler is not None and "noise_sampler" in inspect.signature(function).parameters) else {}
+        takes_noise = noise_for is not None and "noise_sampler" in inspect.signature(function).parameters
 
         def run():
             try:
                 with torch.inference_mode(inference):
-                    result = function(caller, x, sigmas, extra_args={"seed": seed}, callback=None, disable=True,
-                                      **options)
+                    result = x
+                    for index, sigmas in enumerate(phases):
+                        if index:
+                            result = model_sampling.noise_scaling(sigmas[:1], torch.zeros_like(result),
+                                                                  model_sampling.inverse_noise_scaling(sigmas[:1], result))
+                        options = {"noise_sampler": noise_for(result)} if takes_noise else {}
+                        result = function(caller, result, sigmas, extra_args={"seed": seed}, callback=None,
+                                          disable=True, **options)
                 self._requests.put(("done", result, None))
             except _Cancelled:
                 pass

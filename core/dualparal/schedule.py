@@ -7,6 +7,10 @@ frames of the block before it as real tokens (as they stood at the end of the pr
 and, through the per-layer feature cache, the keys and values of the first `cache_frames` frames of
 the block run just before it (the block after it in the video). Every forward of an iteration reads
 only states of the previous iteration, so the result does not depend on how many ranks run it.
+
+With two experts (Wan 2.2 A14B), steps from `expert_switch` on run the second (low-noise) expert.
+Blocks at both sides of the switch are in flight at once, so every rank holds both; keys and values
+are not carried between jobs of different experts (one expert's keys in the other's attention).
 """
 from dataclasses import dataclass
 
@@ -26,6 +30,7 @@ class Job:
     frames: int  # the block's own frames
     appended_frames: int  # frames of the previously run block whose keys/values are appended
     keep_frames: int  # own frames whose keys/values the next job appends
+    expert: int = 0  # 0: the model (high-noise expert), 1: the low-noise expert
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class BlockPlan:
     frames_per_block: int
     cache_frames: int
     steps: int
+    expert_switch: int = 0  # the first step of the low-noise expert; 0: one model for every step
 
     def __post_init__(self):
         if self.frames < 1 or self.steps < 1:
@@ -45,6 +51,13 @@ class BlockPlan:
         if not 0 <= self.cache_frames < self.frames_per_block:
             raise DualParalError(f"cache frames is {self.cache_frames}: it must be at least 0 and below frames per "
                                  f"block ({self.frames_per_block}); set it to at most {self.frames_per_block - 1}.")
+        if not 0 <= self.expert_switch < self.steps:
+            raise DualParalError(f"the low-noise expert takes over at step {self.expert_switch}, but there are "
+                                 f"{self.steps} steps: set low_noise_from_step between 1 and {self.steps - 1} "
+                                 f"(ComfyUI's Wan 2.2 A14B workflows switch halfway).")
+
+    def expert(self, step: int) -> int:
+        return int(0 < self.expert_switch <= step)
 
     @property
     def blocks(self) -> list[range]:
@@ -65,14 +78,17 @@ class BlockPlan:
         jobs = []
         for iteration in range(self.iterations):
             order = self.active(iteration)
+            experts = [self.expert(iteration - block) for block in order]
             for position, block in enumerate(order):
-                has_next = position + 1 < len(order)
+                after_same = position > 0 and experts[position - 1] == experts[position]
+                before_same = position + 1 < len(order) and experts[position + 1] == experts[position]
                 jobs.append(Job(
                     iteration=iteration, block=block, step=iteration - block,
                     context_frames=min(self.cache_frames, sizes[block - 1]) if block > 0 else 0,
                     frames=sizes[block],
-                    appended_frames=min(self.cache_frames, sizes[block + 1]) if position > 0 else 0,
-                    keep_frames=min(self.cache_frames, sizes[block]) if has_next else 0))
+                    appended_frames=min(self.cache_frames, sizes[block + 1]) if after_same else 0,
+                    keep_frames=min(self.cache_frames, sizes[block]) if before_same else 0,
+                    expert=experts[position]))
         return jobs
 
 

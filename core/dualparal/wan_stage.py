@@ -46,6 +46,35 @@ def check_supported(model: nn.Module, latent_shape: tuple, image_channels: int =
                              f"size {patch_h}x{patch_w} (images of a multiple of {8 * patch_h} pixels).")
 
 
+def _structure(model: nn.Module) -> dict:
+    return {"class": type(model).__name__, "layers": len(model.blocks), "width": model.dim,
+            "heads": model.num_heads, "input channels": model.patch_embedding.in_channels,
+            "output channels": model.out_dim, "patch": tuple(model.patch_size),
+            "image embedding": getattr(model, "img_emb", None) is not None}
+
+
+def check_experts_match(high: nn.Module, low: nn.Module) -> None:
+    """The two experts of a Wan 2.2 A14B model share one structure (every rank runs the same layers
+    of each)."""
+    ours, theirs = _structure(high), _structure(low)
+    differences = [f"{name} {ours[name]} vs {theirs[name]}" for name in ours if ours[name] != theirs[name]]
+    if differences:
+        raise DualParalError(f"the low-noise expert does not match the model ({', '.join(differences)}): give the two "
+                             f"experts of one Wan 2.2 A14B model (e.g. wan2.2_t2v_high_noise_14B and "
+                             f"wan2.2_t2v_low_noise_14B, or the i2v pair).")
+
+
+def check_sendable(model: nn.Module) -> None:
+    """A worker process is sent its layers by pickling, which needs every layer class importable by
+    name; ComfyUI makes fp8-scaled and quantized layer classes inside functions."""
+    local = sorted({type(m).__qualname__ for m in model.modules() if "<locals>" in type(m).__qualname__})
+    if local:
+        raise DualParalError(f"the model's layers include {local[0]} (fp8-scaled or quantized weights), which "
+                             f"DualParal cannot send to its worker processes: load the fp16 / bf16 files of the "
+                             f"model (e.g. ..._14B_fp16.safetensors instead of ..._fp8_scaled), or give DualParal "
+                             f"ComfyUI's own device only (it then runs in ComfyUI's process).")
+
+
 def plain_copy(module: nn.Module) -> nn.Module:
     """A copy of the module tree sharing every parameter and buffer, without instance-level forward
     overrides (ComfyUI object patches): what a worker process can be sent and patch by itself."""
@@ -153,14 +182,15 @@ def feature_cache_installed(blocks: nn.ModuleList):
 
 
 @contextmanager
-def rank_prepared(blocks: nn.ModuleList, slicing, device: torch.device, stats):
-    """A rank's blocks carrying the feature cache and, with `slicing` (SliceSettings), sliced;
-    gradients off; the rank's peak memory recorded into `stats`."""
+def rank_prepared(blocks_per_expert: list, slicing, device: torch.device, stats):
+    """A rank's blocks (of each expert) carrying the feature cache and, with `slicing`
+    (SliceSettings), sliced; gradients off; the rank's peak memory recorded into `stats`."""
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        stack.enter_context(feature_cache_installed(blocks))
-        if slicing is not None:
-            stack.enter_context(slicing_applied(blocks, slicing))
+        for blocks in blocks_per_expert:
+            stack.enter_context(feature_cache_installed(blocks))
+            if slicing is not None:
+                stack.enter_context(slicing_applied(blocks, slicing))
         stack.enter_context(peak_memory(device, stats))
         yield
 

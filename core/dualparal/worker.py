@@ -69,15 +69,14 @@ def run_payload(payload: dict, device: torch.device, progress: Callable[[int, in
     """Runs one rank's part of a request in the process group this process has joined."""
     torch.set_grad_enabled(False)
     rank, world = payload["rank"], payload["world"]
-    model = payload["model"].to(device)
     height, width = payload["latent_shape"][3:]
-    stage = WanStage(model, payload["dtype"], device, height, width)
+    stages = [WanStage(model.to(device), payload["dtype"], device, height, width) for model in payload["models"]]
     plan, sampling = BlockPlan(**payload["plan"]), Sampling(**payload["sampling"])
     stats = RankStats(rank, str(device), tuple(payload["layers"]))
-    first_rank = FirstRank(stage, plan, sampling, payload["latent"], payload["noise"],
+    first_rank = FirstRank(stages[0], plan, sampling, payload["latent"], payload["noise"],
                            payload["output"]) if rank == 0 else None
     slicing = None if payload["slicing"] is None else SliceSettings(**payload["slicing"])
-    with rank_prepared(model.blocks, slicing, device, stats):
+    with rank_prepared([stage.model.blocks for stage in stages], slicing, device, stats):
         ring = Ring(rank, world, device, stats) if world > 1 else None
-        run_rank(stage, plan, sampling, stats, ring, first_rank, progress)
+        run_rank(stages, plan, sampling, stats, ring, first_rank, progress)
     return stats
