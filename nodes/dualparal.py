@@ -77,6 +77,24 @@ def _image_conditioning(model, positive, negative, samples: torch.Tensor, cfg: f
     return tuple(found)
 
 
+def _denoise_mask(model, latent: dict, start: torch.Tensor) -> tuple:
+    """(mask, each frame's timestep factor or None) of a latent with a noise mask, as ComfyUI's sampler
+    prepares them, for models that keep the masked-out part at the input latent (Wan 2.2 TI2V-5B's
+    start image: WAN22's scale_latent_inpaint); an inpainting mask on other models is refused."""
+    if "noise_mask" not in latent:
+        return None, None
+    import comfy.sampler_helpers
+    mask = comfy.sampler_helpers.prepare_mask(latent["noise_mask"], start.shape, "cpu").detach().float()
+    kept = model.model.scale_latent_inpaint(x=start, sigma=torch.ones(1), noise=torch.ones_like(start),
+                                            latent_image=start, denoise_mask=mask)
+    if not torch.equal(kept, start):
+        raise DualParalError("the latent carries a noise mask (inpainting), which DualParal applies only for models "
+                             "that keep the masked part at the input latent (Wan 2.2 TI2V-5B's start image): remove "
+                             "Set Latent Noise Mask.")
+    factors = model.model.process_timestep(torch.ones(1), x=start, denoise_mask=mask)
+    return mask, ([float(f) for f in factors.flatten()] if factors.numel() == start.shape[2] else None)
+
+
 @contextmanager
 def _weights_for(models: list, devices, in_process: bool):
     """Each MODEL's diffusion model with every patch applied: loaded by ComfyUI (together) for a run
@@ -195,9 +213,6 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
         raise DualParalError(f"the latent has shape {tuple(samples.shape)}, not a video latent (batch, channels, "
                              f"frames, height, width): make it with EmptyHunyuanLatentVideo or a Wan video node.")
     _check_numbers(cfg=cfg, denoise=denoise)
-    if "noise_mask" in latent:
-        raise DualParalError("the latent carries a noise mask (inpainting), which DualParal does not apply: "
-                             "remove Set Latent Noise Mask.")
     if denoise <= 0.0:
         return latent, [], 0.0  # as ComfyUI's samplers: nothing to denoise
     _check_no_unapplied_patches(model, "MODEL")
@@ -216,8 +231,10 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
     sampling.image, sampling.clip = _image_conditioning(model, positive, negative, samples, cfg)
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
+    start = start.detach().float()
+    sampling.mask, sampling.frame_scale = _denoise_mask(model, latent, start)
     request = DualParalRequest(model.get_model_object("diffusion_model"), dtype, device_list, plan, sampling,
-                               start.float(), seed, slicing, config=model.model.model_config.unet_config)
+                               start, seed, slicing, config=model.model.model_config.unet_config)
     if switch:
         request.low_noise_model = low_noise_model.get_model_object("diffusion_model")
         request.low_noise_config = low_noise_model.model.model_config.unet_config

@@ -524,3 +524,48 @@ def test_layers_that_cannot_be_sent_to_workers_are_refused_before_any_process(pa
         DualParalSampler.execute(devices="cpu:2", **inputs)
     assert not worker_processes()
     assert DualParalSampler.execute(devices="cpu:1", **inputs).result[0]["samples"].abs().max() > 0
+
+
+def ti2v_5b_conditioning(length: int = 21):
+    """Wan22ImageToVideoLatent: the start image's latent in frame 0, kept by the noise mask."""
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
+    from devkit.fixture_nodes import TinyWan22VAE
+
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(8))
+    out = Wan22ImageToVideoLatent.execute(TinyWan22VAE().load(0)[0], 64, 64, length, 1, image)
+    return (out.result if hasattr(out, "result") else out)[0]
+
+
+def test_wan22_ti2v_5b_image_to_video_samples_like_stock_and_over_ranks(pack):
+    """The 5B model's start image: frame 0 kept at the image latent (KSamplerX0Inpaint's blend) and
+    one timestep per frame (0 for the kept frame, WAN22's process_timestep)."""
+    import nodes
+
+    ti2v = patcher(build_wan("tiny", layers=2, variant="2.2 ti2v 5B"))
+    latent = ti2v_5b_conditioning()
+    assert "noise_mask" in latent
+    stock = nodes.common_ksampler(ti2v, 5, 3, 4.0, "uni_pc", "simple", POSITIVE, NEGATIVE, latent)[0]
+    frames = latent["samples"].shape[2]
+    from comfyui_streamline.nodes.dualparal import sample
+    ours, _, _ = sample(ti2v, POSITIVE, NEGATIVE, latent, 5, 3, 4.0, "uni_pc", "simple", "cpu:1", frames, 0, 1.0)
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+    unmasked = {"samples": latent["samples"]}
+    plain, _, _ = sample(ti2v, POSITIVE, NEGATIVE, unmasked, 5, 3, 4.0, "uni_pc", "simple", "cpu:1", frames, 0, 1.0)
+    assert relative_difference(plain["samples"], ours["samples"]) > 1e-3  # the mask is applied
+    one, _, _ = sample(ti2v, POSITIVE, NEGATIVE, latent, 5, 3, 4.0, "euler", "simple", "cpu:1", 2, 1, 1.0)
+    two, _, _ = sample(ti2v, POSITIVE, NEGATIVE, latent, 5, 3, 4.0, "euler", "simple", "cpu:2", 2, 1, 1.0)
+    assert relative_difference(two["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    assert not worker_processes()
+
+
+def test_wan22_ti2v_5b_with_the_feature_slicer_inside_every_rank(pack):
+    """Per-frame timesteps through sliced blocks: the same latent as unsliced ranks."""
+    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    ti2v = patcher(build_wan("tiny", layers=2, variant="2.2 ti2v 5B"))
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, ti2v, 3, 0))
+    latent = ti2v_5b_conditioning(17)
+    stock, _, _ = sample(ti2v, POSITIVE, NEGATIVE, latent, 5, 3, 4.0, "euler", "simple", "cpu:2", 3, 1, 1.0)
+    ours, _, _ = sample(sliced, POSITIVE, NEGATIVE, latent, 5, 3, 4.0, "euler", "simple", "cpu:2", 3, 1, 1.0)
+    assert relative_difference(ours["samples"], stock["samples"]) <= SAMPLING_TOLERANCE

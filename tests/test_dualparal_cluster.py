@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 from devkit.comfy_env import comfyui_dir
 from devkit.model_fixtures import build_wan
 from test_dualparal import (NEGATIVE, POSITIVE, dualparal, dualparal_i2v, empty_latent, image_to_video, run_in_thread,
-                            two_experts)
+                            ti2v_5b_conditioning, two_experts)
 from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
 
 KEY = "streamline-test-key-0123456789"
@@ -131,6 +131,10 @@ def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_ref
     i2v, conditioning = patcher(build_wan("tiny", layers=2, variant="2.1 i2v")), image_to_video()
     one, _, _ = dualparal_i2v(i2v, conditioning, "cpu:1", 2, 1)
     ours, _, _ = dualparal_i2v(i2v, conditioning, cluster.address, 2, 1)
+    assert relative_difference(ours["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    ti2v, latent = patcher(build_wan("tiny", layers=2, variant="2.2 ti2v 5B")), ti2v_5b_conditioning(13)
+    one, _, _ = dualparal(ti2v, latent, "cpu:1")
+    ours, _, _ = dualparal(ti2v, latent, cluster.address)
     assert relative_difference(ours["samples"], one["samples"]) <= SAMPLING_TOLERANCE
     assert len(cluster.ranks()) == 2
 

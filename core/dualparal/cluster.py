@@ -121,7 +121,7 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
             "latent_shape": list(latent.shape), "plan": asdict(request.plan),
             "sampling": {"timesteps": [float(t) for t in request.sampling.timesteps], "cfg": float(request.sampling.cfg),
                          "sampler": request.sampling.sampler, "flow": request.sampling.flow,
-                         "seed": int(request.sampling.seed)},
+                         "seed": int(request.sampling.seed), "frame_scale": request.sampling.frame_scale},
             "slicing": None if request.slicing is None else asdict(request.slicing),
             "models": [rank_model_description(model, config, layers, first, last) for model, config in request.experts]}
     tensors = {f"model{index}.{name}": value for index, (model, _) in enumerate(request.experts)
@@ -129,7 +129,8 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
     tensors.update(sigmas=request.sampling.sigmas, context=request.sampling.context,
                    **({"latent": latent, "noise": noise} if first else {}),
                    **({"clip": request.sampling.clip} if request.sampling.clip is not None else {}),
-                   **({"image": request.sampling.image} if first and request.sampling.image is not None else {}))
+                   **({"image": request.sampling.image} if first and request.sampling.image is not None else {}),
+                   **({"mask": request.sampling.mask} if first and request.sampling.mask is not None else {}))
     return wire.encode(meta, tensors)
 
 
@@ -163,7 +164,8 @@ def _sampling(meta: dict, tensors: dict) -> dict:
             "sampler": check_sampler(str(meta["sampler"])), "seed": int(meta["seed"]),
             "flow": {name: float(meta["flow"][name]) for name in ("shift", "multiplier", "noise_scale")},
             "sigmas": tensors["sigmas"], "context": tensors["context"], "clip": tensors.get("clip"),
-            "image": tensors.get("image")}
+            "image": tensors.get("image"), "mask": tensors.get("mask"),
+            "frame_scale": None if meta.get("frame_scale") is None else [float(f) for f in meta["frame_scale"]]}
 
 
 def _send_bytes(data: bytes, to: int, group) -> None:

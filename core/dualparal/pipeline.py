@@ -36,6 +36,15 @@ class Sampling:
     # latents), and CLIP vision tokens; batch rows as `context`'s
     image: Optional[torch.Tensor] = None
     clip: Optional[torch.Tensor] = None
+    # Wan 2.2 TI2V-5B image-to-video: the latent's denoise mask (0 where the start image's frames are
+    # kept), latent-shaped, and each frame's timestep factor (the host model's process_timestep)
+    mask: Optional[torch.Tensor] = None
+    frame_scale: Optional[list] = None
+
+    def frame_factors(self, first: int, stop: int) -> Optional[tuple]:
+        """Timestep factors of frames [first, stop), None where every one is 1 (one timestep)."""
+        factors = tuple(self.frame_scale[first:stop]) if self.frame_scale is not None else ()
+        return factors if any(f != 1.0 for f in factors) else None
 
     @property
     def batch(self) -> int:
@@ -150,12 +159,22 @@ class FirstRank:
         own = sampler.x
         if job.context_frames:
             own = torch.cat([self._frames(job.block - 1)[:, :, -job.context_frames:], own], dim=2)
+        own = self._keep_masked(own, self.blocks[job.block].start - job.context_frames)
         own = own.expand(self.sampling.batch, *own.shape[1:])
         if self.sampling.image is None:
             return own
         start = self.blocks[job.block].start - job.context_frames
         image = self.sampling.image[:, :, start:start + own.shape[2]].to(own.device, own.dtype)
         return torch.cat([own, image.expand(own.shape[0], *image.shape[1:])], dim=1)
+
+    def _keep_masked(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Frames [start, start + len) of the video with the denoise mask's kept part set to the input
+        latent, as ComfyUI's KSamplerX0Inpaint does (for models whose scale_latent_inpaint is the latent)."""
+        if self.sampling.mask is None:
+            return x
+        frames = slice(start, start + x.shape[2])
+        mask = self.sampling.mask[:, :, frames].to(x.device, x.dtype)
+        return x * mask + self.latent[:, :, frames].to(x.device, x.dtype) * (1.0 - mask)
 
     def _expect_call(self, job: Job) -> BlockSampler:
         sampler = self.samplers[job.block]
@@ -172,7 +191,7 @@ class FirstRank:
         denoised = self.model_sampling.calculate_denoised(sigma, prediction, sampler.x)
         if denoised.shape[0] == 2:
             denoised = denoised[1:] + (denoised[:1] - denoised[1:]) * self.sampling.cfg
-        sampler.give(denoised)
+        sampler.give(self._keep_masked(denoised, self.blocks[job.block].start))
         if job.step == self.plan.steps - 1:
             if not sampler.finished:
                 sampler.close()
@@ -220,7 +239,9 @@ def _run_jobs(stages, plan, sampling, stats, ring, first_rank, progress):
 
     for job in jobs:
         stage = stages[job.expert]
-        e, e0 = stage.time(sampling.timesteps[job.step], batch)
+        start = plan.blocks[job.block].start
+        e, e0 = stage.time(sampling.timesteps[job.step], batch,
+                           sampling.frame_factors(start - job.context_frames, start + job.frames))
         if stage.first:
             while any(p.iteration < job.iteration and p.block in (job.block, job.block - 1) for p, _ in pending):
                 take_prediction()

@@ -77,6 +77,11 @@ class DualParalRequest:
         if image is not None and (image.shape[0] != self.sampling.batch or image.shape[2:] != self.latent.shape[2:]):
             raise DualParalError(f"the image conditioning has shape {tuple(image.shape)}, the latent "
                                  f"{tuple(self.latent.shape)}: make both with the same WanImageToVideo node.")
+        mask = self.sampling.mask
+        scale = self.sampling.frame_scale
+        if mask is not None and (mask.shape != self.latent.shape or scale is not None and len(scale) != mask.shape[2]):
+            raise DualParalError(f"the latent's noise mask has shape {tuple(mask.shape)}, the latent "
+                                 f"{tuple(self.latent.shape)}: make both with the same Wan22ImageToVideoLatent node.")
         if self.latent.shape[0] != 1:
             raise DualParalError(f"the latent holds a batch of {self.latent.shape[0]} videos; DualParal samples one "
                                  f"video at a time: set the batch size to 1.")

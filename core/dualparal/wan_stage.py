@@ -218,14 +218,17 @@ class WanStage:
             context = torch.concat([self.model.img_emb(clip.to(self.device, self.dtype)), context], dim=1)
         return context
 
-    def time(self, timestep: float, batch: int) -> tuple:
-        """(e, e0) of forward_orig for one timestep, cached per timestep."""
-        if (timestep, batch) not in self._time:
-            t = torch.full((batch,), timestep, device=self.device, dtype=torch.float32)
+    def time(self, timestep: float, batch: int, factors: Optional[tuple] = None) -> tuple:
+        """(e, e0) of forward_orig for one timestep, or one per frame (`factors`: each frame's share of
+        it, Wan 2.2 TI2V-5B's denoise mask), cached per timestep."""
+        key = (timestep, batch, factors)
+        if key not in self._time:
+            scale = torch.tensor(factors if factors is not None else (1.0,), dtype=torch.float32, device=self.device)
+            t = timestep * scale.expand(batch, -1)
             e = self.model.time_embedding(self._sinusoidal(self.model.freq_dim, t.flatten()).to(dtype=self.dtype))
             e = e.reshape(batch, -1, e.shape[-1])
-            self._time = {(timestep, batch): (e, self.model.time_projection(e).unflatten(2, (6, self.model.dim)))}
-        return self._time[(timestep, batch)]
+            self._time = {key: (e, self.model.time_projection(e).unflatten(2, (6, self.model.dim)))}
+        return self._time[key]
 
     def hidden_shape(self, job: Job, batch: int) -> tuple:
         return (batch, (job.context_frames + job.frames) * self.tokens_per_frame, self.model.dim)
@@ -251,4 +254,6 @@ class WanStage:
     def head(self, hidden: torch.Tensor, job: Job, e: torch.Tensor) -> torch.Tensor:
         """The model's prediction for the job's own frames (float32, like ComfyUI's apply_model)."""
         own = hidden[:, job.context_frames * self.tokens_per_frame:]
+        if e.shape[1] > 1:  # one timestep per frame: the head modulates the job's own frames
+            e = e[:, -job.frames:]
         return self.model.unpatchify(self.model.head(own, e), (job.frames, *self.grid)).float()
