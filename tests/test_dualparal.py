@@ -233,23 +233,30 @@ def _saved_latent(result, comfy_server) -> torch.Tensor:
     return safetensors.torch.load_file(path)["latent_tensor"]
 
 
-def test_dualparal_workflow_runs_through_the_api_with_two_ranks_like_one(comfy_server):
-    """The long-video example: 49 frames (13 latent frames in blocks of 4) on two CPU ranks, decoded
-    and saved, with the per-rank report; one rank in the server's own process samples the same latent."""
+def _run_on_two_ranks_and_one(comfy_server, prompt):
+    """Queues a DualParal example (node 7) on its two CPU ranks, then on one rank: both succeed, the
+    video is saved whole, and the saved latents agree. Returns both results; `prompt` is left at one rank."""
     from test_server_api import _frames, _saved
 
-    prompt = load_workflow("wan2.1_t2v_1.3B_dualparal_long")
     two = comfy_server.run(prompt)
     assert two.status == "success", two.error
     videos = _saved(two, comfy_server, ".webp")
     assert len(videos) == 1 and _frames(videos[0]) == prompt["6"]["inputs"]["length"]
-    report = two.outputs["12"]["text"][0]
-    assert "4 blocks of 4 latent frames" in report and "rank 0 cpu: layers 0-0" in report and "rank 1 cpu: layers 1-1" in report
     prompt["7"]["inputs"]["devices"] = "cpu:1"
     one = comfy_server.run(prompt)
     assert one.status == "success", one.error
-    assert "rank 1" not in one.outputs["12"]["text"][0]
     assert relative_difference(_saved_latent(two, comfy_server), _saved_latent(one, comfy_server)) <= SAMPLING_TOLERANCE
+    return two, one
+
+
+def test_dualparal_workflow_runs_through_the_api_with_two_ranks_like_one(comfy_server):
+    """The long-video example: 49 frames (13 latent frames in blocks of 4) on two CPU ranks, decoded
+    and saved, with the per-rank report; one rank in the server's own process samples the same latent."""
+    prompt = load_workflow("wan2.1_t2v_1.3B_dualparal_long")
+    two, one = _run_on_two_ranks_and_one(comfy_server, prompt)
+    report = two.outputs["12"]["text"][0]
+    assert "4 blocks of 4 latent frames" in report and "rank 0 cpu: layers 0-0" in report and "rank 1 cpu: layers 1-1" in report
+    assert "rank 1" not in one.outputs["12"]["text"][0]
     assert not _server_workers(comfy_server)
 
 
@@ -257,19 +264,10 @@ def test_the_wan22_a14b_image_to_video_workflow_runs_both_experts_through_the_ap
     """The long A14B image-to-video example: WanImageToVideo's conditioning, both experts on two CPU
     ranks, decoded and saved; one rank samples the same latent; the stock two-KSamplerAdvanced graph
     on the same models gives it too when the whole latent is one block without cache."""
-    from test_server_api import _frames, _saved
-
     prompt = load_workflow("wan2.2_i2v_A14B_dualparal_long")
-    two = comfy_server.run(prompt)
-    assert two.status == "success", two.error
-    videos = _saved(two, comfy_server, ".webp")
-    assert len(videos) == 1 and _frames(videos[0]) == prompt["6"]["inputs"]["length"]
+    two, _ = _run_on_two_ranks_and_one(comfy_server, prompt)
     report = two.outputs["12"]["text"][0]
     assert "experts: high noise for steps 0-1, low noise for steps 2-3; both resident on every rank" in report
-    prompt["7"]["inputs"]["devices"] = "cpu:1"
-    one = comfy_server.run(prompt)
-    assert one.status == "success", one.error
-    assert relative_difference(_saved_latent(two, comfy_server), _saved_latent(one, comfy_server)) <= SAMPLING_TOLERANCE
     dualparal_node = prompt["7"]["inputs"]
     dualparal_node.update(frames_per_block=7, cache_frames=0)  # 25 frames: 7 latent frames, one block
     whole = comfy_server.run(prompt)

@@ -159,11 +159,10 @@ class FirstRank:
         own = sampler.x
         if job.context_frames:
             own = torch.cat([self._frames(job.block - 1)[:, :, -job.context_frames:], own], dim=2)
-        own = self._keep_masked(own, self.blocks[job.block].start - job.context_frames)
-        own = own.expand(self.sampling.batch, *own.shape[1:])
+        start = self.blocks[job.block].start - job.context_frames
+        own = self._keep_masked(own, start).expand(self.sampling.batch, *own.shape[1:])
         if self.sampling.image is None:
             return own
-        start = self.blocks[job.block].start - job.context_frames
         image = self.sampling.image[:, :, start:start + own.shape[2]].to(own.device, own.dtype)
         return torch.cat([own, image.expand(own.shape[0], *image.shape[1:])], dim=1)
 
