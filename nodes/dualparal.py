@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 from ..core.dualparal import (SAMPLERS, BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed,
                               check_sampler, cluster_address, flow_spec, parse_devices, read_key, run_in_process,
                               run_in_workers, run_on_cluster)
+from .dualparal_guidance import check_guidance, host_guidance, needs_unconditional
 from .planner import OOM_RETRY_KEY
 from .slicing import SETTINGS_KEY
 
@@ -41,22 +42,22 @@ def _text(conditioning, side: str) -> torch.Tensor:
     return conditioning[0][0]
 
 
-def _context(positive, negative, cfg: float) -> torch.Tensor:
-    """[positive, negative] in one batch (positive alone at cfg 1), lengths matched by repetition
-    as ComfyUI batches cross-attention conditioning."""
-    texts = [_text(positive, "positive")] + ([] if cfg == 1.0 else [_text(negative, "negative")])
+def _context(positive, negative, both_sides: bool) -> torch.Tensor:
+    """[positive, negative] in one batch (positive alone without `both_sides`), lengths matched by
+    repetition as ComfyUI batches cross-attention conditioning."""
+    texts = [_text(positive, "positive")] + ([_text(negative, "negative")] if both_sides else [])
     length = math.lcm(*(t.shape[1] for t in texts))
     return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in texts]).float()
 
 
-def _image_conditioning(model, positive, negative, samples: torch.Tensor, cfg: float) -> tuple:
+def _image_conditioning(model, positive, negative, samples: torch.Tensor, both_sides: bool) -> tuple:
     """(c_concat, clip_fea) of an image-to-video Wan model, each None where absent, as ComfyUI's own
     model makes them from the conditioning (WanImageToVideo's concat_latent_image / concat_mask /
     clip_vision_output), rows [positive, negative] like the text context."""
     embedding = getattr(model.model.diffusion_model, "patch_embedding", None)
     if embedding is None:  # not a Wan model: the request's check says so
         return None, None
-    sides = [positive] + ([] if cfg == 1.0 else [negative])
+    sides = [positive] + ([negative] if both_sides else [])
     try:
         conds = [model.model.extra_conds(noise=torch.zeros_like(samples), latent_image=samples,
                                          device=torch.device("cpu"), **side[0][1]) for side in sides]
@@ -113,10 +114,10 @@ def _weights_for(models: list, devices, in_process: bool):
         yield [model.model.diffusion_model for model in models]
 
 
-# What a MODEL can carry that changes a sampling step beyond its weights, which DualParal's ranks do
-# not run (they are Python callables, and a rank runs the layers alone): refused rather than ignored.
-SAMPLER_PATCHES = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function",
-                   "sampler_calc_cond_batch_function", "model_function_wrapper", "denoise_mask_function")
+# What a MODEL can carry that changes a sampling step beyond its weights and that DualParal's ranks
+# do not run (Python callables around the model call, and a rank runs the layers alone): refused
+# rather than ignored. CFG patches (GUIDANCE_PATCHES) run in this process: guidance.py.
+SAMPLER_PATCHES = ("sampler_calc_cond_batch_function", "model_function_wrapper", "denoise_mask_function")
 TRANSFORMER_PATCHES = ("patches", "patches_replace", "optimized_attention_override")
 OWN_HOOKS = {OOM_RETRY_KEY}  # the Memory Planner's retry: its slicing settings travel to the ranks
 
@@ -132,9 +133,9 @@ def _check_no_unapplied_patches(model, name: str) -> None:
                       if hooks and key not in OWN_HOOKS]
     if found:
         raise DualParalError(f"the {name} carries patches that DualParal's ranks do not run ({', '.join(found)}), so "
-                             f"its output would differ from what they ask for: remove the nodes that add them (CFG, "
-                             f"guidance, attention or caching patches such as RescaleCFG, CFGZeroStar, "
-                             f"PerturbedAttention, EasyCache) before DualParal, or sample with KSampler.")
+                             f"its output would differ from what they ask for: remove the nodes that add them "
+                             f"(attention, model-wrapping or caching patches such as PerturbedAttentionGuidance, "
+                             f"SkipLayerGuidance, EasyCache) before DualParal, or sample with KSampler.")
 
 
 def _low_noise_expert(model, low_noise_model, from_step: int, steps: int, dtype) -> int:
@@ -226,9 +227,16 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
     device_list = [] if cluster else parse_devices(devices, torch.cuda.device_count())
     model_sampling = model.get_model_object("model_sampling")
     sigmas = _sigmas(model, sampler_name, scheduler, steps, denoise)
+    experts = [model] + ([low_noise_model] if switch else [])
+    both_sides = needs_unconditional(experts, cfg)
     sampling = Sampling(sigmas=sigmas, timesteps=[float(model_sampling.timestep(s)) for s in sigmas[:-1]], cfg=cfg,
-                        context=_context(positive, negative, cfg), sampler=sampler_name, seed=seed)
-    sampling.image, sampling.clip = _image_conditioning(model, positive, negative, samples, cfg)
+                        context=_context(positive, negative, both_sides), sampler=sampler_name, seed=seed)
+    sampling.image, sampling.clip = _image_conditioning(model, positive, negative, samples, both_sides)
+    guide = host_guidance(experts, positive, negative, cfg)
+    if guide is not None:
+        block_shape = (1, samples.shape[1], plan.frames_per_block, *samples.shape[3:])
+        check_guidance(guide, block_shape, sigmas, sampling.batch, len(plan.blocks), len(experts))
+        sampling.host_guidance = True
     slicing = model.model_options.get("transformer_options", {}).get(SETTINGS_KEY)
     start = model.model.process_latent_in(samples) if torch.count_nonzero(samples) > 0 else samples  # as ComfyUI
     start = start.detach().float()
@@ -249,23 +257,23 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
         bar.update_absolute(done, total)
 
     started = time.perf_counter()
-    with _weights_for([model] + ([low_noise_model] if switch else []), device_list, in_process) as diffusion_models:
+    with _weights_for(experts, device_list, in_process) as diffusion_models:
         request.model = diffusion_models[0]
         if switch:
             request.low_noise_model = diffusion_models[1]
         if in_process:
-            output, stats = run_in_process(request, progress)
+            output, stats = run_in_process(request, progress, guide)
         elif cluster:
             from comfy.cli_args import args
             output, stats = run_on_cluster(request, cluster, cluster_key, vars(args), bar.update_absolute,
-                                           comfy.model_management.throw_exception_if_processing_interrupted)
+                                           comfy.model_management.throw_exception_if_processing_interrupted, guide)
         else:
             rendezvous = Path(tempfile.mkdtemp(prefix="streamline_dualparal_"))
             try:
                 output, stats = run_in_workers(request, _host_setup(device_list[0].type == "cpu"),
                                                bar.update_absolute,
                                                comfy.model_management.throw_exception_if_processing_interrupted,
-                                               str(rendezvous / "group"))
+                                               str(rendezvous / "group"), guide)
             finally:
                 shutil.rmtree(rendezvous, ignore_errors=True)
     seconds = time.perf_counter() - started

@@ -478,21 +478,16 @@ def test_experts_that_do_not_pair_are_refused_before_any_process(wan3, low_noise
     assert not worker_processes()
 
 
-def test_sampler_and_attention_patches_it_cannot_run_are_refused_not_ignored(wan3, low_noise3):
-    """CFG functions, attention patches and wrappers live in the MODEL's options as Python callables
-    that the ranks do not run: refused before any process, naming them; its own slicing settings and
-    the Memory Planner's retry pass."""
-    from comfy_extras.nodes_model_advanced import RescaleCFG
+def test_attention_patches_and_wrappers_it_cannot_run_are_refused_not_ignored(wan3, low_noise3):
+    """Attention patches, model wrappers and caching hooks live in the MODEL's options as Python
+    callables around the layers, which the ranks do not run: refused before any process, naming
+    them; its own slicing settings and the Memory Planner's retry pass."""
     from comfyui_streamline.nodes.dualparal import DualParalSampler
     from comfyui_streamline.nodes.planner import MemoryPlanner
 
     inputs = dict(positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=2, cfg=4.0,
                   sampler_name="euler", scheduler="simple", devices="cpu:1", frames_per_block=2, cache_frames=1,
                   denoise=1.0)
-    rescaled = RescaleCFG().patch(wan3, 0.7)[0]
-    with pytest.raises(ValueError, match=r"the MODEL carries patches that DualParal's ranks do not run "
-                                         r"\(sampler_cfg_function\)"):
-        DualParalSampler.execute(model=rescaled, **inputs)
     attention = wan3.clone()
     attention.set_model_attn1_patch(lambda q, k, v, extra_options: (q, k, v))
     with pytest.raises(ValueError, match=r"the low_noise_model carries patches .*transformer_options patches"):
@@ -501,8 +496,75 @@ def test_sampler_and_attention_patches_it_cannot_run_are_refused_not_ignored(wan
     wrapped.add_wrapper_with_key("outer_sample", "some_cache", lambda executor, *a, **k: executor(*a, **k))
     with pytest.raises(ValueError, match=r"wrapper outer_sample \(some_cache\)"):
         DualParalSampler.execute(model=wrapped, **inputs)
+    batched = wan3.clone()
+    batched.set_model_sampler_calc_cond_batch_function(lambda args: None)
+    with pytest.raises(ValueError, match=r"\(sampler_calc_cond_batch_function\)"):
+        DualParalSampler.execute(model=batched, **inputs)
     planned = node_output(MemoryPlanner, wan3, empty_latent(4), 64.0, True)
     assert "experts" not in DualParalSampler.execute(model=planned, **inputs).result[1]
+
+
+def cfg_patched(model):
+    """The MODEL with three of ComfyUI's CFG patches: a cfg function, a post-cfg and a pre-cfg function."""
+    from comfy_extras.nodes_apg import APG
+    from comfy_extras.nodes_cfg import CFGZeroStar
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    model = RescaleCFG().patch(model, 0.7)[0]
+    model = node_output(CFGZeroStar, model)
+    return node_output(APG, model, 1.5, 0.0, 0.0)
+
+
+def test_cfg_patches_are_honoured_like_stock_ksampler_and_over_ranks(wan3, low_noise3):
+    """RescaleCFG, CFGZeroStar and APG run in ComfyUI's own sampling function on each block's
+    predictions: one block equals stock KSampler with the same patches, any ranks equal one rank,
+    and each expert's own patches apply to its steps."""
+    import nodes
+
+    latent = empty_latent(5)
+    patched = cfg_patched(wan3)
+    stock = nodes.common_ksampler(patched, 5, 3, 4.0, "euler", "simple", POSITIVE, NEGATIVE, latent, denoise=1.0)[0]
+    ours, _, _ = dualparal(patched, latent, "cpu:1", frames_per_block=5, cache_frames=0)
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+    plain, _, _ = dualparal(wan3, latent, "cpu:1", frames_per_block=5, cache_frames=0)
+    assert relative_difference(plain["samples"], ours["samples"]) > 1e-3  # the patches changed the result
+
+    one, _, _ = dualparal(patched, empty_latent(7), "cpu:1", sampler="dpmpp_2m")
+    two, _, _ = dualparal(patched, empty_latent(7), "cpu:2", sampler="dpmpp_2m")
+    assert relative_difference(two["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+    assert not worker_processes()
+
+    high, low = cfg_patched(wan3), low_noise3
+    common = dict(add_noise="enable", steps=4, cfg=4.0, sampler_name="euler", scheduler="simple",
+                  positive=POSITIVE, negative=NEGATIVE)
+    first = nodes.KSamplerAdvanced().sample(high, noise_seed=5, latent_image=latent, start_at_step=0, end_at_step=2,
+                                            return_with_leftover_noise="enable", **common)[0]
+    stock = nodes.KSamplerAdvanced().sample(low, noise_seed=5, latent_image=first, start_at_step=2, end_at_step=4,
+                                            return_with_leftover_noise="disable", **{**common, "add_noise": "disable"})[0]
+    ours, _, _ = two_experts(high, low, latent, "cpu:1", 2, frames_per_block=5, cache_frames=0)
+    assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
+
+
+def test_cfg_patches_that_run_the_model_or_carry_state_are_refused_before_any_process(wan3):
+    from comfy_extras.nodes_apg import APG
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    inputs = dict(positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=2, cfg=4.0,
+                  sampler_name="euler", scheduler="simple", devices="cpu:2", frames_per_block=2, cache_frames=1,
+                  denoise=1.0)
+    runs_the_model = wan3.clone()
+    runs_the_model.set_model_sampler_post_cfg_function(lambda args: args["model"].apply_model(args["input"]))
+    with pytest.raises(ValueError, match=r"a CFG patch of the MODEL \(sampler_post_cfg_function\) runs the model "
+                                         r"itself \(it reads model.apply_model\)"):
+        DualParalSampler.execute(model=runs_the_model, **inputs)
+    momentum = node_output(APG, wan3, 1.5, 0.0, 0.5)
+    with pytest.raises(ValueError, match="carries state from step to step, such as APG's momentum"):
+        DualParalSampler.execute(model=momentum, **inputs)
+    assert not worker_processes()
+    one_block, _, _ = dualparal(momentum, empty_latent(4), "cpu:1", frames_per_block=4, cache_frames=0)
+    stock = __import__("nodes").common_ksampler(momentum, 5, 3, 4.0, "euler", "simple", POSITIVE, NEGATIVE,
+                                                empty_latent(4), denoise=1.0)[0]
+    assert relative_difference(one_block["samples"], stock["samples"]) <= 1e-4  # the probe left no state behind
 
 
 def test_layers_that_cannot_be_sent_to_workers_are_refused_before_any_process(pack):

@@ -18,8 +18,8 @@ import torch
 from conftest import REPO_ROOT
 from devkit.comfy_env import comfyui_dir
 from devkit.model_fixtures import build_wan
-from test_dualparal import (NEGATIVE, POSITIVE, dualparal, dualparal_i2v, empty_latent, image_to_video, run_in_thread,
-                            ti2v_5b_conditioning, two_experts)
+from test_dualparal import (NEGATIVE, POSITIVE, cfg_patched, dualparal, dualparal_i2v, empty_latent, image_to_video,
+                            run_in_thread, ti2v_5b_conditioning, two_experts)
 from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
 
 KEY = "streamline-test-key-0123456789"
@@ -124,9 +124,10 @@ def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_ref
         assert [(s.rank, s.layers) for s in stats] == [(0, (0, 1)), (1, (1, 2))]
         assert all(s.device == f"{socket.gethostname()} cpu" and s.jobs > 0 and s.peak_bytes > 0 for s in stats)
         assert stats[0].sent_bytes > 0 and stats[1].sent_bytes > 0
-    low_noise = patcher(build_wan("tiny", layers=2, seed=11))  # Wan 2.2 A14B: both experts on every rank
-    one, _, _ = two_experts(wan2, low_noise, empty_latent(5), "cpu:1", 2, sampler="uni_pc")
-    ours, _, _ = two_experts(wan2, low_noise, empty_latent(5), cluster.address, 2, sampler="uni_pc")
+    # Wan 2.2 A14B: both experts on every rank; the high-noise one's CFG patches answered by ComfyUI
+    high, low = cfg_patched(wan2), patcher(build_wan("tiny", layers=2, seed=11))
+    one, _, _ = two_experts(high, low, empty_latent(5), "cpu:1", 2, sampler="uni_pc")
+    ours, _, _ = two_experts(high, low, empty_latent(5), cluster.address, 2, sampler="uni_pc")
     assert relative_difference(ours["samples"], one["samples"]) <= SAMPLING_TOLERANCE
     i2v, conditioning = patcher(build_wan("tiny", layers=2, variant="2.1 i2v")), image_to_video()
     one, _, _ = dualparal_i2v(i2v, conditioning, "cpu:1", 2, 1)

@@ -121,7 +121,8 @@ def rank_message(request, rank: int, ranges: list, first_rank_tensors: tuple) ->
             "latent_shape": list(latent.shape), "plan": asdict(request.plan),
             "sampling": {"timesteps": [float(t) for t in request.sampling.timesteps], "cfg": float(request.sampling.cfg),
                          "sampler": request.sampling.sampler, "flow": request.sampling.flow,
-                         "seed": int(request.sampling.seed), "frame_scale": request.sampling.frame_scale},
+                         "seed": int(request.sampling.seed), "frame_scale": request.sampling.frame_scale,
+                         "host_guidance": bool(request.sampling.host_guidance)},
             "slicing": None if request.slicing is None else asdict(request.slicing),
             "models": [rank_model_description(model, config, layers, first, last) for model, config in request.experts]}
     tensors = {f"model{index}.{name}": value for index, (model, _) in enumerate(request.experts)
@@ -165,7 +166,8 @@ def _sampling(meta: dict, tensors: dict) -> dict:
             "flow": {name: float(meta["flow"][name]) for name in ("shift", "multiplier", "noise_scale")},
             "sigmas": tensors["sigmas"], "context": tensors["context"], "clip": tensors.get("clip"),
             "image": tensors.get("image"), "mask": tensors.get("mask"),
-            "frame_scale": None if meta.get("frame_scale") is None else [float(f) for f in meta["frame_scale"]]}
+            "frame_scale": None if meta.get("frame_scale") is None else [float(f) for f in meta["frame_scale"]],
+            "host_guidance": meta.get("host_guidance") is True}
 
 
 def _send_bytes(data: bytes, to: int, group) -> None:
@@ -234,7 +236,7 @@ def _serve_request(listener: Listener, names: list, control, device: torch.devic
                     _send_bytes(data, rank, control)
                 del data
             stats = run_payload(payload, device, progress=lambda done, total: send(
-                connection, {"kind": "progress", "done": done, "total": total}))
+                connection, {"kind": "progress", "done": done, "total": total}), ask_guidance=_ask_comfyui(connection))
             gathered = [asdict(stats)] + [json.loads(_receive_bytes(rank, control)) for rank in range(1, len(names))]
             send(connection, {"kind": "done", "stats": gathered}, {"output": payload["output"]})
         except BaseException as error:
@@ -244,6 +246,17 @@ def _serve_request(listener: Listener, names: list, control, device: torch.devic
             except OSError:
                 pass  # ComfyUI has gone (the run was cancelled)
             os._exit(1)
+
+
+def _ask_comfyui(connection: Connection):
+    """How rank 0 has ComfyUI compute guidance with the MODEL's CFG patches (which stay there)."""
+    def ask(tensors: dict, expert: int) -> torch.Tensor:
+        send(connection, {"kind": "guide", "expert": expert}, tensors)
+        meta, answer = receive(connection)
+        if meta.get("kind") != "guided" or "denoised" not in answer:
+            raise MalformedMessage("an answer to a guidance question without its prediction")
+        return answer["denoised"]
+    return ask
 
 
 def _run_forwarded_request(control, device: torch.device) -> None:

@@ -3,8 +3,9 @@ rank runs its layers for each job in the schedule's order and hands the hidden s
 (the last rank hands the model's prediction back to the first).
 
 Each block is sampled by the host's own sampler function (samplers.py) with the MODEL's flow model
-sampling, with classifier-free guidance combined on the denoised predictions as ComfyUI's
-cfg_function does.
+sampling. Classifier-free guidance combines the denoised predictions as ComfyUI's cfg_function does,
+or, for a MODEL with CFG patches, in the host's own sampling function (`Guidance`: the first rank
+asks the host process, which holds the patches).
 A job needs the states its block and the block before it had at the end of the previous
 iteration; with several ranks the first rank takes in pending predictions only when a job needs
 them, so the ring stays full while enough blocks are in flight.
@@ -40,6 +41,7 @@ class Sampling:
     # kept), latent-shaped, and each frame's timestep factor (the host model's process_timestep)
     mask: Optional[torch.Tensor] = None
     frame_scale: Optional[list] = None
+    host_guidance: bool = False  # the MODEL's CFG patches run in the host: the first rank asks it (Guidance)
 
     def frame_factors(self, first: int, stop: int) -> Optional[tuple]:
         """Timestep factors of frames [first, stop), None where every one is 1 (one timestep)."""
@@ -125,12 +127,40 @@ class _Timer:
         self.stats.jobs += 1
 
 
+# (x, sigma, denoised, expert) -> the guided prediction: x the block's model input, sigma of shape (1,),
+# denoised the model's predictions for the rows of the text context ([positive, negative] or [positive]),
+# expert the index of the expert that made them
+Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def cfg_guidance(cfg: float) -> Guidance:
+    """Plain classifier-free guidance, as ComfyUI's cfg_function without patches."""
+    def guide(x, sigma, denoised, expert):
+        return denoised if denoised.shape[0] == 1 else denoised[1:] + (denoised[:1] - denoised[1:]) * cfg
+    return guide
+
+
+def relayed_guidance(ask: Callable[[dict, int], torch.Tensor]) -> Guidance:
+    """Guidance computed elsewhere: `ask` takes the CPU tensors {x, sigma, denoised} and the expert's
+    index and returns the guided prediction."""
+    def guide(x, sigma, denoised, expert):
+        tensors = {"x": x, "sigma": sigma, "denoised": denoised}
+        guided = ask({name: t.detach().to("cpu", torch.float32) for name, t in tensors.items()}, expert)
+        if not isinstance(guided, torch.Tensor) or guided.shape != x.shape:
+            raise DualParalError(f"the host's guidance answered with {getattr(guided, 'shape', guided)!r}, not a "
+                                 f"prediction of shape {tuple(x.shape)}")
+        return guided.to(x.device, x.dtype)
+    return guide
+
+
 class FirstRank:
-    """The latent blocks being denoised, each with its sampler, and the finished output."""
+    """The latent blocks being denoised, each with its sampler, and the finished output. `guide`:
+    how predictions are combined (plain CFG by default)."""
 
     def __init__(self, stage: WanStage, plan: BlockPlan, sampling: Sampling, latent: torch.Tensor,
-                 noise: torch.Tensor, output: torch.Tensor):
+                 noise: torch.Tensor, output: torch.Tensor, guide: Optional[Guidance] = None):
         self.stage, self.plan, self.sampling = stage, plan, sampling
+        self.guide = guide or cfg_guidance(sampling.cfg)
         self.latent, self.noise, self.output = latent, noise, output
         self.blocks = plan.blocks
         self.function = host_sampler(sampling.sampler)
@@ -187,10 +217,10 @@ class FirstRank:
     def update(self, job: Job, prediction: torch.Tensor) -> None:
         sampler = self._expect_call(job)
         sigma = self.sampling.sigmas[job.step:job.step + 1].to(prediction.device)
-        denoised = self.model_sampling.calculate_denoised(sigma, prediction, sampler.x)
-        if denoised.shape[0] == 2:
-            denoised = denoised[1:] + (denoised[:1] - denoised[1:]) * self.sampling.cfg
-        sampler.give(self._keep_masked(denoised, self.blocks[job.block].start))
+        start = self.blocks[job.block].start
+        x = self._keep_masked(sampler.x, start)
+        denoised = self.model_sampling.calculate_denoised(sigma, prediction, x)
+        sampler.give(self._keep_masked(self.guide(x, sigma, denoised, job.expert), start))
         if job.step == self.plan.steps - 1:
             if not sampler.finished:
                 sampler.close()

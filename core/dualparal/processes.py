@@ -14,7 +14,7 @@ import types
 from contextlib import contextmanager
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 CORE_DIR = Path(__file__).resolve().parents[1]
 BOOTSTRAP = Path(__file__).with_name("worker_bootstrap.py")
@@ -67,8 +67,9 @@ def _describe_exit(code: int) -> str:
 
 
 def run_workers(payloads: list, environments: list, host_setup: list, progress: Callable[[int, int], None],
-                check_interrupt: Callable[[], None]) -> list:
-    """Runs one worker per payload; returns each rank's statistics (dicts), in rank order."""
+                check_interrupt: Callable[[], None], guide: Optional[Callable] = None) -> list:
+    """Runs one worker per payload; returns each rank's statistics (dicts), in rank order. `guide`
+    answers the first rank's guidance questions (pipeline.relayed_guidance)."""
     context = multiprocessing.get_context("spawn")
     outbox = context.Queue()
     inboxes = [context.Queue() for _ in payloads]
@@ -89,7 +90,7 @@ def run_workers(payloads: list, environments: list, host_setup: list, progress: 
                     # pickled here, not in the queue's feeder thread, so that a payload that cannot
                     # be sent raises instead of leaving its worker waiting
                     inbox.put(bytes(ForkingPickler.dumps(payload)))
-                return _collect(processes, outbox, progress, check_interrupt)
+                return _collect(processes, outbox, inboxes[0], progress, check_interrupt, guide)
             finally:
                 _stop(processes)  # before the handles close: no worker is fetching one then
     finally:
@@ -107,7 +108,7 @@ def _stop(processes) -> None:
         process.join(timeout=30)
 
 
-def _collect(processes, outbox, progress, check_interrupt) -> list:
+def _collect(processes, outbox, first_inbox, progress, check_interrupt, guide) -> list:
     stats = {}
     while len(stats) < len(processes):
         check_interrupt()
@@ -119,6 +120,8 @@ def _collect(processes, outbox, progress, check_interrupt) -> list:
         kind, *body = message
         if kind == "progress":
             progress(*body)
+        elif kind == "guide" and guide is not None:
+            first_inbox.put(guide(*body))
         elif kind == "done":
             stats[body[0]] = body[1]
         else:

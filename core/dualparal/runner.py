@@ -11,7 +11,7 @@ from torch import nn
 from ..slicing import SliceSettings
 from .cluster import KEY_VARIABLE, plain_settings, rank_message, receive, send
 from .noise import coordinated_noise
-from .pipeline import FirstRank, RankStats, Sampling, run_rank
+from .pipeline import FirstRank, Guidance, RankStats, Sampling, run_rank
 from .processes import POLL_S, WorkerError, run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
 from .wan_stage import WanStage, check_experts_match, check_sendable, check_supported, rank_model, rank_prepared
@@ -90,8 +90,10 @@ class DualParalRequest:
         return layer_ranges(len(self.model.blocks), ranks)
 
 
-def run_in_process(request: DualParalRequest, progress: Callable[[int, int], None]) -> tuple:
-    """One rank here, on the model as the host loaded it: (latent, [RankStats])."""
+def run_in_process(request: DualParalRequest, progress: Callable[[int, int], None],
+                   guide: Optional[Guidance] = None) -> tuple:
+    """One rank here, on the model as the host loaded it: (latent, [RankStats]). `guide`: the host's
+    guidance where sampling.host_guidance (the runs below ask it from their first rank)."""
     ranges = request.validate(1)
     device = request.devices[0]
     noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
@@ -100,7 +102,7 @@ def run_in_process(request: DualParalRequest, progress: Callable[[int, int], Non
     stats = RankStats(0, str(device), (ranges[0].start, ranges[0].stop))
     with rank_prepared([stage.model.blocks for stage in stages], request.slicing, device, stats):
         run_rank(stages, request.plan, request.sampling, stats, None,
-                 FirstRank(stages[0], request.plan, request.sampling, request.latent, noise, output), progress)
+                 FirstRank(stages[0], request.plan, request.sampling, request.latent, noise, output, guide), progress)
     return output, [stats]
 
 
@@ -111,7 +113,7 @@ def _cuda_visible(device: torch.device) -> str:
 
 
 def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callable[[int, int], None],
-                   check_interrupt: Callable[[], None], init_file: str) -> tuple:
+                   check_interrupt: Callable[[], None], init_file: str, guide: Optional[Guidance] = None) -> tuple:
     """One spawned process per device (gloo between CPU ranks, NCCL between GPUs), each holding only
     its layers; the weights are shared with this process, not copied. `init_file`: a path no other
     run uses, for the process group's rendezvous."""
@@ -131,12 +133,13 @@ def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callab
             "backend": "nccl" if device.type == "cuda" else "gloo", "init_method": f"file://{init_file}",
             "device": "cuda:0" if device.type == "cuda" else "cpu", "threads": threads})
         environments.append({"CUDA_VISIBLE_DEVICES": _cuda_visible(device) if device.type == "cuda" else ""})
-    stats = run_workers(payloads, environments, host_setup, progress, check_interrupt)
+    stats = run_workers(payloads, environments, host_setup, progress, check_interrupt, guide)
     return output.clone(), [RankStats(**{**s, "device": str(d)}) for s, d in zip(stats, request.devices)]
 
 
 def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settings: dict,
-                   progress: Callable[[int, int], None], check_interrupt: Callable[[], None]) -> tuple:
+                   progress: Callable[[int, int], None], check_interrupt: Callable[[], None],
+                   guide: Optional[Guidance] = None) -> tuple:
     """The ranks of a torchrun cluster (cluster.py) run the request: rank 0 listens at `address`
     (host, port) and hands every rank its layers. `settings`: ComfyUI's command-line settings. The
     cluster serves one request at a time: a second one connects once the first is done."""
@@ -151,7 +154,7 @@ def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settin
                              f"with dualparal_cluster.py (README: DualParal across machines).") from None
     with connection:
         try:
-            return _converse(connection, request, settings, progress, check_interrupt)
+            return _converse(connection, request, settings, progress, check_interrupt, guide)
         except MalformedMessage as error:
             raise WorkerError(f"the DualParal cluster at {name} answered with {error}; nothing more was sent "
                               f"to it.") from None
@@ -167,7 +170,7 @@ class _ClusterFailed(Exception):
     pass
 
 
-def _converse(connection, request: DualParalRequest, settings: dict, progress, check_interrupt) -> tuple:
+def _converse(connection, request: DualParalRequest, settings: dict, progress, check_interrupt, guide) -> tuple:
     meta, _ = receive(connection)
     devices = meta.get("devices")
     if meta.get("kind") != "devices" or not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
@@ -189,6 +192,12 @@ def _converse(connection, request: DualParalRequest, settings: dict, progress, c
         kind = meta.get("kind")
         if kind == "progress":
             progress(int(meta["done"]), int(meta["total"]))
+        elif kind == "guide" and guide is not None:
+            try:
+                guided = guide(tensors["x"], tensors["sigma"], tensors["denoised"], int(meta["expert"]))
+            except (KeyError, TypeError, ValueError) as error:
+                raise MalformedMessage(f"a guidance question without {error}") from None
+            send(connection, {"kind": "guided"}, {"denoised": guided})
         elif kind == "done":
             return _result(meta, tensors, request, devices)
         else:

@@ -7,13 +7,13 @@ import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..slicing import SliceSettings
-from .pipeline import FirstRank, RankStats, Ring, Sampling, run_rank
+from .pipeline import FirstRank, RankStats, Ring, Sampling, relayed_guidance, run_rank
 from .schedule import BlockPlan
 from .wan_stage import WanStage, rank_prepared
 
@@ -36,7 +36,7 @@ def serve(inbox, outbox, rank: int) -> None:
     a process group with operations in flight could hang."""
     _exit_with_parent()
     try:
-        stats = run_worker(pickle.loads(inbox.get()), outbox)
+        stats = run_worker(pickle.loads(inbox.get()), inbox, outbox)
     except BaseException as error:
         outbox.put(("error", rank, f"{type(error).__name__}: {error}"))
         outbox.close()
@@ -54,7 +54,14 @@ def apply_host_setup(host_setup: list) -> None:
             setattr(target, key, value)
 
 
-def run_worker(payload: dict, outbox) -> RankStats:
+def _ask_parent(inbox, outbox) -> Callable[[dict, int], torch.Tensor]:
+    def ask(tensors: dict, expert: int) -> torch.Tensor:
+        outbox.put(("guide", tensors["x"], tensors["sigma"], tensors["denoised"], expert))
+        return inbox.get()
+    return ask
+
+
+def run_worker(payload: dict, inbox, outbox) -> RankStats:
     device = torch.device(payload["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -62,19 +69,23 @@ def run_worker(payload: dict, outbox) -> RankStats:
         torch.set_num_threads(payload["threads"])
     dist.init_process_group(payload["backend"], init_method=payload["init_method"], rank=payload["rank"],
                             world_size=payload["world"], timeout=GROUP_TIMEOUT)
-    return run_payload(payload, device, progress=lambda done, total: outbox.put(("progress", done, total)))
+    return run_payload(payload, device, progress=lambda done, total: outbox.put(("progress", done, total)),
+                       ask_guidance=_ask_parent(inbox, outbox))
 
 
-def run_payload(payload: dict, device: torch.device, progress: Callable[[int, int], None]) -> RankStats:
-    """Runs one rank's part of a request in the process group this process has joined."""
+def run_payload(payload: dict, device: torch.device, progress: Callable[[int, int], None],
+                ask_guidance: Optional[Callable[[dict, int], torch.Tensor]] = None) -> RankStats:
+    """Runs one rank's part of a request in the process group this process has joined.
+    `ask_guidance`: how the first rank asks the host for guidance (where sampling.host_guidance)."""
     torch.set_grad_enabled(False)
     rank, world = payload["rank"], payload["world"]
     height, width = payload["latent_shape"][3:]
     stages = [WanStage(model.to(device), payload["dtype"], device, height, width) for model in payload["models"]]
     plan, sampling = BlockPlan(**payload["plan"]), Sampling(**payload["sampling"])
     stats = RankStats(rank, str(device), tuple(payload["layers"]))
+    guide = relayed_guidance(ask_guidance) if sampling.host_guidance and rank == 0 else None
     first_rank = FirstRank(stages[0], plan, sampling, payload["latent"], payload["noise"],
-                           payload["output"]) if rank == 0 else None
+                           payload["output"], guide) if rank == 0 else None
     slicing = None if payload["slicing"] is None else SliceSettings(**payload["slicing"])
     with rank_prepared([stage.model.blocks for stage in stages], slicing, device, stats):
         ring = Ring(rank, world, device, stats) if world > 1 else None
