@@ -5,20 +5,23 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from comfy_api.v0_0_2 import io
 
 from ..core.dualparal import (SAMPLERS, BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed,
-                              check_sampler, cluster_address, flow_spec, parse_devices, read_key, run_in_process,
-                              run_in_workers, run_on_cluster)
+                              check_sampler, cluster_address, expert_phases, flow_spec, parse_devices, rank_weight_bytes,
+                              read_key, run_in_process, run_in_workers, run_on_cluster)
 from .dualparal_guidance import check_guidance, host_guidance, needs_unconditional
 from .planner import OOM_RETRY_KEY
 from .slicing import SETTINGS_KEY
 
 log = logging.getLogger(__name__)
 
+EXPERT_PLACEMENTS = ("auto", "both resident", "swap per phase")
+RESIDENT_SHARE = 0.5  # of a GPU's memory both experts' layers may take in auto (the rest: activations, messages)
 DEVICES_TOOLTIP = ("auto: every visible GPU (one CPU rank without GPUs). A list such as cuda:0,cuda:1 for those "
                    "GPUs (NCCL), or cpu:N for N CPU processes (gloo). One device matching ComfyUI's runs here, "
                    "without worker processes. torchrun://HOST:PORT: the ranks of a torchrun cluster (one or several "
@@ -192,18 +195,23 @@ def report(plan: BlockPlan, stats, seconds: float) -> str:
              f"{plan.cache_frames}), {plan.steps} steps, {len(plan.jobs())} block forwards in {plan.iterations} "
              f"iterations, {seconds:.1f} s"]
     if plan.expert_switch:
-        lines.append(f"experts: high noise for steps 0-{plan.expert_switch - 1}, low noise for steps "
-                     f"{plan.expert_switch}-{plan.steps - 1}; both resident on every rank (blocks on either side "
-                     f"of the switch are in flight at once), each rank holding its layers of both")
+        steps = (f"experts: high noise for steps 0-{plan.expert_switch - 1}, low noise for steps "
+                 f"{plan.expert_switch}-{plan.steps - 1}; ")
+        lines.append(steps + ("swapped per phase: each rank held one expert's layers at a time (every block sampled "
+                              "to the switch by the high-noise expert, then the ranks loaded the low-noise one)"
+                              if any(s.phase for s in stats) else
+                              "both resident on every rank (blocks on either side of the switch are in flight at "
+                              "once), each rank holding its layers of both"))
     for s in stats:
-        lines.append(f"rank {s.rank} {s.device}: layers {s.layers[0]}-{s.layers[1] - 1}, compute {s.compute_s:.2f} s, "
+        phase = f"[{s.phase}] " if s.phase else ""
+        lines.append(f"{phase}rank {s.rank} {s.device}: layers {s.layers[0]}-{s.layers[1] - 1}, compute {s.compute_s:.2f} s, "
                      f"waiting {s.wait_s:.2f} s, sent {s.sent_bytes / 2**20:.1f} MiB, "
                      f"peak {s.peak_bytes / 2**20:.1f} MiB")
     return "\n".join(lines)
 
 
 def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, devices, frames_per_block,
-           cache_frames, denoise, low_noise_model=None, low_noise_from_step=0) -> tuple:
+           cache_frames, denoise, low_noise_model=None, low_noise_from_step=0, experts_on_ranks="auto") -> tuple:
     """(LATENT, [RankStats], seconds). Raises DualParalError for input it cannot run, before any
     process starts."""
     import comfy.model_management
@@ -249,36 +257,78 @@ def sample(model, positive, negative, latent, seed, steps, cfg, sampler_name, sc
     request.validate(len(device_list) or 1)
     sampling.flow = flow_spec(model_sampling)  # after the check that names the model when it is not Wan
     in_process = len(device_list) == 1 and device_list[0] == comfy.model_management.get_torch_device()
+    if _swap_experts(experts_on_ranks, request, device_list):
+        phases = list(zip(expert_phases(request), ([e] for e in experts), ("high noise", "low noise")))
+    else:
+        phases = [(request, experts, "")]
+    for phase, _, _ in phases:
+        phase.validate(len(device_list) or 1)
 
-    bar = comfy.utils.ProgressBar(len(plan.jobs()))
-
-    def progress(done, total):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total)
-
-    started = time.perf_counter()
-    with _weights_for(experts, device_list, in_process) as diffusion_models:
-        request.model = diffusion_models[0]
-        if switch:
-            request.low_noise_model = diffusion_models[1]
-        if in_process:
-            output, stats = run_in_process(request, progress, guide)
-        elif cluster:
-            from comfy.cli_args import args
-            output, stats = run_on_cluster(request, cluster, cluster_key, vars(args), bar.update_absolute,
-                                           comfy.model_management.throw_exception_if_processing_interrupted, guide)
+    bar = comfy.utils.ProgressBar(sum(len(phase.plan.jobs()) for phase, _, _ in phases))
+    started, output, stats, done_before = time.perf_counter(), start, [], 0
+    for index, (phase, phase_models, name) in enumerate(phases):
+        phase.latent = output
+        if guide is not None and name:  # one expert per run: its index among all experts
+            phase_guide = lambda x, sigma, denoised, expert, index=index: guide(x, sigma, denoised, index)
         else:
-            rendezvous = Path(tempfile.mkdtemp(prefix="streamline_dualparal_"))
-            try:
-                output, stats = run_in_workers(request, _host_setup(device_list[0].type == "cpu"),
-                                               bar.update_absolute,
-                                               comfy.model_management.throw_exception_if_processing_interrupted,
-                                               str(rendezvous / "group"), guide)
-            finally:
-                shutil.rmtree(rendezvous, ignore_errors=True)
+            phase_guide = guide
+
+        def progress(done, total, offset=done_before):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(offset + done, bar.total)
+        output, phase_stats = _run(phase, phase_models, device_list, in_process, cluster, cluster_key, phase_guide,
+                                   progress)
+        stats += [replace(s, phase=name) for s in phase_stats]
+        done_before += len(phase.plan.jobs())
     seconds = time.perf_counter() - started
     result = {**{k: v for k, v in latent.items() if k != "samples"}, "samples": model.model.process_latent_out(output)}
     return result, stats, seconds
+
+
+def _swap_experts(placement: str, request: DualParalRequest, device_list: list) -> bool:
+    """Whether Wan 2.2 A14B's experts run one after the other (expert_phases) rather than both
+    resident: as chosen, or in auto where both experts' layers of a rank would take more than
+    RESIDENT_SHARE of its GPU's memory. CPU ranks share ComfyUI's copy of the weights, and a
+    cluster's memory is not known here: both resident in auto."""
+    if placement not in EXPERT_PLACEMENTS:
+        raise DualParalError(f"experts_on_ranks '{placement}' is not one of {', '.join(EXPERT_PLACEMENTS)}.")
+    if not request.plan.expert_switch:
+        return False
+    if placement != "auto":
+        return placement == "swap per phase"
+    if not device_list or any(device.type != "cuda" for device in device_list):
+        return False
+    for rank, (device, need) in enumerate(zip(device_list, rank_weight_bytes(request, len(device_list)))):
+        total = torch.cuda.get_device_properties(device).total_memory
+        if need > RESIDENT_SHARE * total:
+            log.info("DualParal: rank %d (%s) would hold %.1f GiB of both experts' layers, over %.0f%% of its "
+                     "%.1f GiB: the experts are swapped per phase", rank, device, need / 2**30, RESIDENT_SHARE * 100,
+                     total / 2**30)
+            return True
+    return False
+
+
+def _run(request: DualParalRequest, models: list, device_list: list, in_process: bool, cluster, cluster_key,
+         guide, progress) -> tuple:
+    """(latent, [RankStats]) of one run of `request` with `models` (its experts) loaded."""
+    import comfy.model_management
+    with _weights_for(models, device_list, in_process) as diffusion_models:
+        request.model = diffusion_models[0]
+        if len(diffusion_models) > 1:
+            request.low_noise_model = diffusion_models[1]
+        if in_process:
+            return run_in_process(request, progress, guide)
+        if cluster:
+            from comfy.cli_args import args
+            return run_on_cluster(request, cluster, cluster_key, vars(args), progress,
+                                  comfy.model_management.throw_exception_if_processing_interrupted, guide)
+        rendezvous = Path(tempfile.mkdtemp(prefix="streamline_dualparal_"))
+        try:
+            return run_in_workers(request, _host_setup(device_list[0].type == "cpu"), progress,
+                                  comfy.model_management.throw_exception_if_processing_interrupted,
+                                  str(rendezvous / "group"), guide)
+        finally:
+            shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def _schedulers() -> list:
@@ -327,6 +377,12 @@ class DualParalSampler(io.ComfyNode):
                 io.Int.Input("low_noise_from_step", default=10, min=1, max=10000, optional=True,
                              tooltip="With a low-noise expert: its first step (ComfyUI's Wan 2.2 workflows switch "
                                      "halfway, e.g. 10 of 20)."),
+                io.Combo.Input("experts_on_ranks", options=list(EXPERT_PLACEMENTS), default="auto", optional=True,
+                               tooltip="With a low-noise expert. both resident: every rank holds its layers of both "
+                                       "(blocks on either side of the switch run at once). swap per phase: one "
+                                       "expert at a time (every block to the switch, then the other expert), for "
+                                       "GPUs too small for both. auto: swap where both would take over "
+                                       f"{RESIDENT_SHARE:.0%} of a GPU's memory."),
             ],
             outputs=[io.Latent.Output(),
                      io.String.Output("report", tooltip="Per rank: layers, compute and waiting time, data sent, "
@@ -336,11 +392,11 @@ class DualParalSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, devices,
                 frames_per_block, cache_frames, denoise, low_noise_model=None,
-                low_noise_from_step=10) -> io.NodeOutput:
+                low_noise_from_step=10, experts_on_ranks="auto") -> io.NodeOutput:
         try:
             latent, stats, seconds = sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                             scheduler, devices, frames_per_block, cache_frames, denoise,
-                                            low_noise_model, low_noise_from_step)
+                                            low_noise_model, low_noise_from_step, experts_on_ranks)
         except DualParalError as error:
             raise ValueError(f"DualParal Multi-GPU Sampler: {error}") from None
         if not stats:

@@ -415,10 +415,10 @@ def low_noise3(pack):
 
 
 def two_experts(high, low, latent, devices, switch, frames_per_block=2, cache_frames=1, steps=4, sampler="euler",
-                seed=5):
+                seed=5, placement="auto"):
     from comfyui_streamline.nodes.dualparal import sample
     return sample(high, POSITIVE, NEGATIVE, latent, seed, steps, 4.0, sampler, "simple", devices, frames_per_block,
-                  cache_frames, 1.0, low, switch)
+                  cache_frames, 1.0, low, switch, placement)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "uni_pc"])
@@ -454,6 +454,52 @@ def test_two_experts_over_ranks_give_the_latent_of_one_rank(wan3, low_noise3):
                                    low_noise_from_step=3)
     report = out.result[1] if hasattr(out, "result") else out[1]
     assert "experts: high noise for steps 0-2, low noise for steps 3-3; both resident on every rank" in report
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "uni_pc"])
+def test_experts_swapped_per_phase_give_the_latent_of_both_resident(wan3, low_noise3, sampler):
+    """One expert on the ranks at a time: every block to the switch with the high-noise expert, then
+    every block on with the low-noise one. Each block sees its neighbours at the same steps as with both
+    resident, so the latent is the same, over any ranks; the report says which it did."""
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    resident, _, _ = two_experts(wan3, low_noise3, empty_latent(7), "cpu:1", 2, sampler=sampler)
+    swapped, stats, _ = two_experts(wan3, low_noise3, empty_latent(7), "cpu:2", 2, sampler=sampler,
+                                    placement="swap per phase")
+    assert relative_difference(swapped["samples"], resident["samples"]) <= SAMPLING_TOLERANCE
+    assert [(s.phase, s.rank) for s in stats] == [("high noise", 0), ("high noise", 1), ("low noise", 0),
+                                                  ("low noise", 1)]
+    assert not worker_processes()
+    inputs = dict(model=wan3, positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=4,
+                  cfg=4.0, sampler_name="euler", scheduler="simple", devices="cpu:1", frames_per_block=2,
+                  cache_frames=1, denoise=1.0, low_noise_model=low_noise3, low_noise_from_step=3)
+    report = DualParalSampler.execute(**inputs, experts_on_ranks="swap per phase").result[1]
+    assert "low noise for steps 3-3; swapped per phase: each rank held one expert's layers at a time" in report
+    assert "[low noise] rank 0 cpu" in report
+    assert "both resident" in DualParalSampler.execute(**inputs).result[1]  # auto on CPU ranks
+    with pytest.raises(ValueError, match="experts_on_ranks 'sometimes' is not one of auto, both resident"):
+        DualParalSampler.execute(**inputs, experts_on_ranks="sometimes")
+
+
+def test_auto_swaps_the_experts_where_both_would_not_fit_a_gpu(wan3, low_noise3, monkeypatch):
+    """The rule auto follows on GPU ranks, against each GPU's memory (no GPU here: its size is given)."""
+    from types import SimpleNamespace
+    from comfyui_streamline.core.dualparal import BlockPlan, DualParalRequest, Sampling, rank_weight_bytes
+    from comfyui_streamline.nodes.dualparal import RESIDENT_SHARE, _swap_experts
+
+    high, low = (m.model.diffusion_model for m in (wan3, low_noise3))
+    request = DualParalRequest(high, torch.float32, [], BlockPlan(4, 2, 1, 4, 2), Sampling(torch.ones(5), [1.0] * 4,
+                               4.0, torch.zeros(2, 1, 1)), torch.zeros(1, 16, 4, 4, 6), 0, low_noise_model=low)
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    largest = max(rank_weight_bytes(request, 2))
+    for memory, swapped in ((largest / RESIDENT_SHARE * 1.01, False), (largest / RESIDENT_SHARE * 0.99, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory))
+        assert _swap_experts("auto", request, gpus) is swapped
+        assert _swap_experts("both resident", request, gpus) is False
+    assert sum(rank_weight_bytes(request, 2)) == sum(p.numel() * p.element_size() for m in (high, low)
+                                                     for p in m.parameters()) + sum(
+        p.numel() * p.element_size() for m in (high, low) for name, p in m.named_parameters()
+        if not name.startswith(("blocks.", "patch_embedding.", "head.")))  # time and text embeddings on both ranks
 
 
 def test_experts_that_do_not_pair_are_refused_before_any_process(wan3, low_noise3):

@@ -64,6 +64,7 @@ class RankStats:
     sent_bytes: int = 0
     peak_bytes: int = 0
     job_compute_s: list = field(default_factory=list)
+    phase: str = ""  # with the experts swapped per phase: the expert this rank's run held
 
 
 class Ring:
@@ -171,8 +172,10 @@ class FirstRank:
     def _frames(self, block: int) -> torch.Tensor:
         if block in self.samplers:
             return self.samplers[block].x
-        frames = self.blocks[block]  # finished: its final state is in the output
-        return self.output[:, :, frames.start:frames.stop].to(self.stage.device)
+        frames = self.blocks[block]  # finished: its final state is in the output, noise scaling undone
+        final = self.output[:, :, frames.start:frames.stop].to(self.stage.device)
+        return self.model_sampling.noise_scaling(self.sampling.sigmas[-1:].to(final.device), torch.zeros_like(final),
+                                                 final)
 
     def input(self, job: Job) -> torch.Tensor:
         if job.step == 0:

@@ -1,7 +1,7 @@
 """DualParal runs: devices, validation before anything starts, one rank in this process, one
 worker process per rank, or the ranks of a torchrun cluster."""
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import AuthenticationError, Client
 from typing import Callable, Optional
 
@@ -58,6 +58,7 @@ class DualParalRequest:
     # Wan 2.2 A14B: the low-noise expert, run from plan.expert_switch on (`model` is the high-noise one)
     low_noise_model: Optional[nn.Module] = None
     low_noise_config: Optional[dict] = None
+    add_noise: bool = True  # False: `latent` is already noised to the first sigma (a later expert phase)
 
     @property
     def experts(self) -> list:
@@ -96,14 +97,37 @@ def run_in_process(request: DualParalRequest, progress: Callable[[int, int], Non
     guidance where sampling.host_guidance (the runs below ask it from their first rank)."""
     ranges = request.validate(1)
     device = request.devices[0]
-    noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
-    output = torch.zeros_like(request.latent)
+    _, noise, output = _first_rank_tensors(request)
     stages = [WanStage(model, request.dtype, device, *request.latent.shape[3:]) for model, _ in request.experts]
     stats = RankStats(0, str(device), (ranges[0].start, ranges[0].stop))
     with rank_prepared([stage.model.blocks for stage in stages], request.slicing, device, stats):
         run_rank(stages, request.plan, request.sampling, stats, None,
                  FirstRank(stages[0], request.plan, request.sampling, request.latent, noise, output, guide), progress)
     return output, [stats]
+
+
+def expert_phases(request: DualParalRequest) -> list:
+    """Wan 2.2 A14B with the experts swapped: one request per expert, each with that expert alone on
+    the ranks, every block sampled to the switch by the first and from there by the second (as two
+    KSamplerAdvanced nodes do: leftover noise returned, none added). The second request's latent is
+    the first one's output."""
+    plan, sampling, switch = request.plan, request.sampling, request.plan.expert_switch
+    phases = []
+    for expert, ((model, config), (first, stop)) in enumerate(zip(request.experts, ((0, switch), (switch, plan.steps)))):
+        phases.append(replace(
+            request, model=model, config=config, low_noise_model=None, low_noise_config=None, add_noise=expert == 0,
+            plan=replace(plan, steps=stop - first, expert_switch=0),
+            sampling=replace(sampling, sigmas=sampling.sigmas[first:stop + 1], timesteps=sampling.timesteps[first:stop])))
+    return phases
+
+
+def rank_weight_bytes(request: DualParalRequest, ranks: int) -> list:
+    """Bytes of every expert's weights each of `ranks` ranks holds."""
+    ranges = layer_ranges(len(request.model.blocks), ranks)
+    return [sum(sum(p.numel() * p.element_size() for p in
+                    rank_model(model, layers, first=rank == 0, last=rank == ranks - 1).parameters())
+                for model, _ in request.experts)
+            for rank, layers in enumerate(ranges)]
 
 
 def _cuda_visible(device: torch.device) -> str:
@@ -217,7 +241,8 @@ def _result(meta: dict, tensors: dict, request: DualParalRequest, devices: list)
 
 def _first_rank_tensors(request: DualParalRequest) -> tuple:
     """(latent, noise, output): what the first rank samples from and into."""
-    noise = coordinated_noise(tuple(request.latent.shape), request.plan, request.seed)
+    shape = tuple(request.latent.shape)
+    noise = coordinated_noise(shape, request.plan, request.seed) if request.add_noise else torch.zeros(shape)
     return request.latent, noise, torch.zeros_like(request.latent)
 
 
