@@ -7,14 +7,15 @@ from .nodes.dualparal import DualParalSampler
 from .nodes.memory_monitor import MemoryMonitor, install_prompt_recording
 from .nodes.planner import MemoryPlanner
 from .nodes.slicing import FeatureSlicer, OperatorGrouper, VAESlicer
+from .nodes.step_rehash import StepRehash
 
 WEB_DIRECTORY = "./web"
 
 
 class StreamlineExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FeatureSlicer, OperatorGrouper, VAESlicer, MemoryPlanner, MemoryMonitor, DualParalSampler, CMDLoader,
-                CMDEncode, CMDDecoder, CMDMotionSampler]
+        return [FeatureSlicer, OperatorGrouper, VAESlicer, StepRehash, MemoryPlanner, MemoryMonitor, DualParalSampler,
+                CMDLoader, CMDEncode, CMDDecoder, CMDMotionSampler]
 
 
 async def comfy_entrypoint() -> StreamlineExtension:

@@ -49,6 +49,8 @@ FIXTURE_PROFILE = {
                                        "7": {"steps": 4, "low_noise_from_step": 2, "devices": "cpu:2"}},
     "svd_xt_img2vid_sliced": {"4": {"width": 64, "height": 64, "video_frames": 14}, "6": {"steps": 2},
                               "11": {"frame_chunks": 4, "strip_chunks": 3}},
+    "svd_xt_img2vid_step_rehash": {"4": {"width": 64, "height": 64, "video_frames": 14}, "6": {"steps": 5},
+                                   "11": {"frame_chunks": 4, "strip_chunks": 3}, "15": {"interval": 2}},
     "wan2.2_ti2v_5B_sliced": {"6": {"width": 64, "height": 64, "length": 9}, "7": {"steps": 3},
                               "12": {"frame_chunks": 2}, "14": {"strip_chunks": 2}},
     "cmd_reconstruction": {},

@@ -5,6 +5,7 @@ import logging
 from comfy_api.v0_0_2 import io
 
 from ..core.slicing import SliceSettings, UnsupportedModelError, decode_estimate, self_check, slicing_patches
+from .step_rehash import rewrap_rehash
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def sliced_model(model, node: str, **changes):
     for name, replacement in patches.items():
         clone.add_object_patch(name, replacement)
     clone.model_options.setdefault("transformer_options", {})[SETTINGS_KEY] = settings
+    rewrap_rehash(clone)
     return clone
 
 

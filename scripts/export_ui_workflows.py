@@ -136,7 +136,8 @@ def wan21_t2v_dualparal():
     return {**base, "7": n("StreamlineDualParalSampler", "DualParal Multi-GPU Sampler", model=["5", 0],
                            positive=["3", 0], negative=["4", 0], latent_image=["6", 0], seed=7, steps=30, cfg=6.0,
                            sampler_name="uni_pc", scheduler="simple", devices="auto", frames_per_block=4,
-                           cache_frames=2, denoise=1.0, low_noise_from_step=10),  # the widget's default: one model
+                           cache_frames=2, denoise=1.0, low_noise_from_step=10,  # the widgets' defaults: one model
+                           experts_on_ranks="auto"),
             "12": n("PreviewAny", "DualParal report", source=["7", 1]),
             **outputs("wan21_t2v_dualparal", ["8", 0], ["7", 0])}
 
@@ -200,7 +201,7 @@ def wan22_i2v_dualparal():
         "7": n("StreamlineDualParalSampler", "DualParal Multi-GPU Sampler (both experts)", model=["5", 0],
                positive=["6", 0], negative=["6", 1], latent_image=["6", 2], seed=7, steps=20, cfg=3.5,
                sampler_name="euler", scheduler="simple", devices="auto", frames_per_block=4, cache_frames=2,
-               denoise=1.0, low_noise_model=["25", 0], low_noise_from_step=10),
+               denoise=1.0, low_noise_model=["25", 0], low_noise_from_step=10, experts_on_ranks="auto"),
         "8": n("VAEDecode", "VAE Decode", samples=["7", 0], vae=["2", 0]),
         "12": n("PreviewAny", "DualParal report", source=["7", 1]),
         **outputs("wan22_i2v_a14b_dualparal", ["8", 0], ["7", 0]),
@@ -239,6 +240,20 @@ def svd_xt():
                fps=6.0, lossless=False, quality=85, method="default"),
         "10": n("SaveLatent", "Save latent", samples=["6", 0], filename_prefix="streamline/svd_img2vid_sliced"),
     }
+
+
+def svd_xt_step_rehash():
+    """SVD-XT with Step Rehash between the guidance and the slicing: 25 steps, the deep features
+    refreshed every third step."""
+    spec = svd_xt()
+    spec["15"] = n("StreamlineStepRehash", "Step Rehash", model=["5", 0], interval=3, shallow_blocks=3,
+                   full_first_steps=2, full_last_steps=1)
+    spec["11"]["inputs"]["model"] = ["15", 0]
+    spec["6"]["inputs"]["steps"] = 25
+    spec["8"]["inputs"]["report_prefix"] = "svd_img2vid_step_rehash"
+    for node in ("9", "10"):
+        spec[node]["inputs"]["filename_prefix"] = "streamline/svd_img2vid_step_rehash"
+    return spec
 
 
 def cmd_reconstruction():
@@ -309,6 +324,13 @@ NOTES = {
         "on the UNet, VAE Slicer decodes all frames together; Memory Monitor.\n\n"
         f"Files:\n- models/checkpoints/{SVD_XT} (UNet, VAE and CLIP vision in one file)\n\n"
         + INPUT_NOTE.format(image=START_IMAGE)),
+    "svd_xt_img2vid_step_rehash": (
+        "Stable Video Diffusion XT image-to-video with Step Rehash: the UNet's deep blocks run on every third step "
+        "(and the first two and the last), the steps between reuse their features and run only the first "
+        "resolution level: faster sampling at a small quality cost (README: Step Rehash). Sliced as the "
+        "svd_xt_img2vid_sliced example; Memory Monitor.\n\n"
+        f"Files:\n- models/checkpoints/{SVD_XT} (UNet, VAE and CLIP vision in one file)\n\n"
+        + INPUT_NOTE.format(image=START_IMAGE)),
     "cmd_reconstruction": (
         "CMD: a video as one content frame + a small motion latent. CMD Encode splits an 8-frame 64x64 clip, "
         "the decoder rebuilds it. The weights ship with the pack (models/cmd/cmd_sprites64.safetensors).\n\n"
@@ -323,7 +345,8 @@ SPECS = {
     "wan2.1_t2v_1.3B_dualparal_long": wan21_t2v_dualparal, "wan2.1_i2v_480p_sliced": wan21_i2v,
     "wan2.2_t2v_A14B_sliced": wan22_a14b, "wan2.2_ti2v_5B_sliced": wan22_ti2v_5b,
     "wan2.2_i2v_A14B_dualparal_long": wan22_i2v_dualparal,
-    "svd_xt_img2vid_sliced": svd_xt, "cmd_reconstruction": cmd_reconstruction, "cmd_generation": cmd_generation,
+    "svd_xt_img2vid_sliced": svd_xt, "svd_xt_img2vid_step_rehash": svd_xt_step_rehash,
+    "cmd_reconstruction": cmd_reconstruction, "cmd_generation": cmd_generation,
 }
 
 

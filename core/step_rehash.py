@@ -1,0 +1,141 @@
+"""Step Rehash (FME, Sec. 4.3): a video UNet's deep features change little between nearby denoising
+steps, so they are computed on refresh steps and reused on the steps between.
+
+On a refresh step the UNet runs whole and the output of the deepest output block the shallow path
+reads (`output_blocks[n - shallow - 1]`) is kept, once per kind of model call (cond / uncond batch and
+shape). On a reusing step only the shallow path runs: the first `shallow` input blocks, the last
+`shallow` output blocks and the head. Every deeper layer returns an empty stand-in (zero channels,
+which the UNet's skip concatenations and hand-overs pass along untouched) and the kept output takes
+the place of the deepest one. The layers are found by structure (a UNet's input, middle and output
+blocks), and each patched forward wraps whatever forward the layer had (a Feature Slicer's sliced
+one included), so slicing runs inside refresh steps and the cache is stored once, not per slice.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .host import derives_from
+
+
+WRAPPED = "__rehash_wraps__"  # on each patched forward: the forward it runs on refresh steps
+
+
+class UnsupportedRehashError(ValueError):
+    """A model or settings Step Rehash cannot run; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RehashSettings:
+    interval: int = 3  # a refresh step, then interval - 1 steps that reuse its deep features
+    shallow_blocks: int = 3  # input blocks (and as many output blocks) that run on every step
+    full_first_steps: int = 2  # always refreshed, as are the last ones
+    full_last_steps: int = 1
+
+    def refreshes(self, step: int, steps: int) -> bool:
+        if step < self.full_first_steps or step >= steps - self.full_last_steps:
+            return True
+        return (step - self.full_first_steps) % self.interval == 0
+
+
+@dataclass
+class RehashState:
+    """What the patched layers read during one model call, and the features kept between calls."""
+    reusing: Optional[tuple] = None  # the cache key of the call that reuses, None on a full call
+    recording: Optional[tuple] = None  # the cache key a full call keeps its deep features under
+    cache: dict = field(default_factory=dict)
+    full_calls: int = 0
+    reused_calls: int = 0
+
+    def begin(self, key: tuple, refresh: bool) -> None:
+        if refresh or key not in self.cache:
+            self.reusing, self.recording = None, key
+            self.full_calls += 1
+        else:
+            self.reusing, self.recording = key, None
+            self.reused_calls += 1
+
+    def end(self) -> None:
+        self.reusing = self.recording = None
+
+    def reset(self) -> None:
+        self.end()
+        self.cache.clear()
+        self.full_calls = self.reused_calls = 0
+
+
+def step_index(sigma: torch.Tensor, sample_sigmas: torch.Tensor) -> Optional[int]:
+    """The sampling step whose sigma `sigma` is, None for a sigma between steps (a sampler's
+    intermediate call, which then runs whole)."""
+    schedule = sample_sigmas[:-1].float().cpu()
+    current = float(sigma.reshape(-1)[0])
+    distances = (schedule - current).abs()
+    index = int(distances.argmin())
+    return index if float(distances[index]) <= 1e-5 * max(1.0, abs(current)) else None
+
+
+def check_unet(unet: nn.Module, settings: RehashSettings) -> int:
+    """The UNet's number of input blocks, after checking that Step Rehash can run on it."""
+    if not derives_from(unet, "UNetModel") or not hasattr(unet, "output_blocks"):
+        raise UnsupportedRehashError(f"Step Rehash runs on ComfyUI's video UNets (SVD family); this model is "
+                                     f"{type(unet).__name__}: remove the node for it.")
+    blocks = len(unet.input_blocks)
+    if len(unet.output_blocks) != blocks or unet.middle_block is None:
+        raise UnsupportedRehashError(f"{type(unet).__name__} has {blocks} input and {len(unet.output_blocks)} output "
+                                     f"blocks and {'no' if unet.middle_block is None else 'a'} middle block; Step "
+                                     f"Rehash needs mirrored blocks around a middle block.")
+    if not 1 <= settings.shallow_blocks < blocks:
+        raise UnsupportedRehashError(f"shallow_blocks is {settings.shallow_blocks}; this UNet has {blocks} input "
+                                     f"blocks: set it between 1 and {blocks - 1}.")
+    for name in ("interval", "full_first_steps", "full_last_steps"):
+        if getattr(settings, name) < (1 if name == "interval" else 0):
+            raise UnsupportedRehashError(f"{name} is {getattr(settings, name)}; give at least "
+                                         f"{1 if name == 'interval' else 0}.")
+    return blocks
+
+
+def rehash_patches(unet: nn.Module, settings: RehashSettings, state: RehashState,
+                   current: Callable[[str], Callable], prefix: str = "") -> dict:
+    """{attribute path: forward} for every layer of the deep part; `current(path)` is the forward
+    the layer has now (stock, another patch's, or an earlier Step Rehash wrapper, whose inner
+    forward is taken: patches made after Step Rehash get wrapped by calling this again)."""
+    blocks = check_unet(unet, settings)
+    shallow = settings.shallow_blocks
+    deep = [*(f"input_blocks.{i}" for i in range(shallow, blocks)), "middle_block",
+            *(f"output_blocks.{i}" for i in range(blocks - shallow))]
+    kept = deep[-1]
+    patches = {}
+    for block in deep:
+        layers = list(unet.get_submodule(block).named_children())
+        for position, (name, _) in enumerate(layers):
+            path = f"{prefix}{block}.{name}.forward"
+            keeps = block == kept and position == len(layers) - 1
+            inner = getattr(current(path), WRAPPED, current(path))
+            patches[path] = _kept_forward(inner, state) if keeps else _deep_forward(inner, state)
+    return patches
+
+
+def _stand_in(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], 0, *(1 for _ in x.shape[2:])))
+
+
+def _deep_forward(forward: Callable, state: RehashState) -> Callable:
+    def deep(x, *args, **kwargs):
+        if state.reusing is not None:
+            return _stand_in(x)
+        return forward(x, *args, **kwargs)
+    setattr(deep, WRAPPED, forward)
+    return deep
+
+
+def _kept_forward(forward: Callable, state: RehashState) -> Callable:
+    def kept(x, *args, **kwargs):
+        if state.reusing is not None:
+            return state.cache[state.reusing]
+        output = forward(x, *args, **kwargs)
+        if state.recording is not None:
+            state.cache[state.recording] = output.detach()
+        return output
+    setattr(kept, WRAPPED, forward)
+    return kept
