@@ -1,14 +1,20 @@
-"""Step Rehash (FME, Sec. 4.3): a video UNet's deep features change little between nearby denoising
-steps, so they are computed on refresh steps and reused on the steps between.
+"""Step Rehash (FME, Sec. 4.3): a video model's deep features change little between nearby denoising
+steps, so they are computed on refresh steps and reused on the steps between. Features are kept
+once per kind of model call (cond / uncond batch and shape).
 
-On a refresh step the UNet runs whole and the output of the deepest output block the shallow path
-reads (`output_blocks[n - shallow - 1]`) is kept, once per kind of model call (cond / uncond batch and
-shape). On a reusing step only the shallow path runs: the first `shallow` input blocks, the last
-`shallow` output blocks and the head. Every deeper layer returns an empty stand-in (zero channels,
-which the UNet's skip concatenations and hand-overs pass along untouched) and the kept output takes
-the place of the deepest one. The layers are found by structure (a UNet's input, middle and output
-blocks), and each patched forward wraps whatever forward the layer had (a Feature Slicer's sliced
-one included), so slicing runs inside refresh steps and the cache is stored once, not per slice.
+UNets (SVD family): on a refresh step the UNet runs whole and the output of the deepest output block
+the shallow path reads (`output_blocks[n - shallow - 1]`) is kept. On a reusing step only the shallow
+path runs: the first `shallow` input blocks, the last `shallow` output blocks and the head. Every
+deeper layer returns an empty stand-in (zero channels, which the UNet's skip concatenations and
+hand-overs pass along untouched) and the kept output takes the place of the deepest one.
+
+DiTs (Wan): the first and last `shallow` transformer blocks run on every step; a refresh step keeps
+what the blocks between add to the hidden state (their residual), a reusing step adds it back in
+place of running them.
+
+The blocks are found by structure, and each patched forward wraps whatever forward the layer had (a
+Feature Slicer's sliced one included), so slicing runs inside refresh steps and the cache is stored
+once, not per slice.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -45,6 +51,7 @@ class RehashState:
     reusing: Optional[tuple] = None  # the cache key of the call that reuses, None on a full call
     recording: Optional[tuple] = None  # the cache key a full call keeps its deep features under
     cache: dict = field(default_factory=dict)
+    deep_input: Optional[torch.Tensor] = None  # DiTs: the hidden state entering the deep blocks of a full call
     full_calls: int = 0
     reused_calls: int = 0
 
@@ -57,7 +64,7 @@ class RehashState:
             self.reused_calls += 1
 
     def end(self) -> None:
-        self.reusing = self.recording = None
+        self.reusing = self.recording = self.deep_input = None
 
     def reset(self) -> None:
         self.end()
@@ -75,45 +82,61 @@ def step_index(sigma: torch.Tensor, sample_sigmas: torch.Tensor) -> Optional[int
     return index if float(distances[index]) <= 1e-5 * max(1.0, abs(current)) else None
 
 
-def check_unet(unet: nn.Module, settings: RehashSettings) -> int:
-    """The UNet's number of input blocks, after checking that Step Rehash can run on it."""
-    if not derives_from(unet, "UNetModel") or not hasattr(unet, "output_blocks"):
-        raise UnsupportedRehashError(f"Step Rehash runs on ComfyUI's video UNets (SVD family); this model is "
-                                     f"{type(unet).__name__}: remove the node for it.")
+def _check_settings(settings: RehashSettings) -> None:
+    for name in ("interval", "full_first_steps", "full_last_steps"):
+        least = 1 if name == "interval" else 0
+        if getattr(settings, name) < least:
+            raise UnsupportedRehashError(f"{name} is {getattr(settings, name)}; give at least {least}.")
+
+
+def _deep_unet_blocks(unet: nn.Module, shallow: int) -> list:
     blocks = len(unet.input_blocks)
     if len(unet.output_blocks) != blocks or unet.middle_block is None:
         raise UnsupportedRehashError(f"{type(unet).__name__} has {blocks} input and {len(unet.output_blocks)} output "
                                      f"blocks and {'no' if unet.middle_block is None else 'a'} middle block; Step "
                                      f"Rehash needs mirrored blocks around a middle block.")
-    if not 1 <= settings.shallow_blocks < blocks:
-        raise UnsupportedRehashError(f"shallow_blocks is {settings.shallow_blocks}; this UNet has {blocks} input "
-                                     f"blocks: set it between 1 and {blocks - 1}.")
-    for name in ("interval", "full_first_steps", "full_last_steps"):
-        if getattr(settings, name) < (1 if name == "interval" else 0):
-            raise UnsupportedRehashError(f"{name} is {getattr(settings, name)}; give at least "
-                                         f"{1 if name == 'interval' else 0}.")
-    return blocks
+    if not 1 <= shallow < blocks:
+        raise UnsupportedRehashError(f"shallow_blocks is {shallow}; this UNet has {blocks} input blocks: set it "
+                                     f"between 1 and {blocks - 1}.")
+    return [*(f"input_blocks.{i}" for i in range(shallow, blocks)), "middle_block",
+            *(f"output_blocks.{i}" for i in range(blocks - shallow))]
 
 
-def rehash_patches(unet: nn.Module, settings: RehashSettings, state: RehashState,
+def _deep_dit_blocks(dit: nn.Module, shallow: int) -> list:
+    blocks = len(dit.blocks)
+    if not 1 <= shallow or 2 * shallow >= blocks:
+        raise UnsupportedRehashError(f"shallow_blocks is {shallow}; this DiT has {blocks} blocks, of which the first "
+                                     f"and last shallow_blocks run every step: set it between 1 and "
+                                     f"{(blocks - 1) // 2}.")
+    return [f"blocks.{i}" for i in range(shallow, blocks - shallow)]
+
+
+def rehash_patches(model: nn.Module, settings: RehashSettings, state: RehashState,
                    current: Callable[[str], Callable], prefix: str = "") -> dict:
     """{attribute path: forward} for every layer of the deep part; `current(path)` is the forward
     the layer has now (stock, another patch's, or an earlier Step Rehash wrapper, whose inner
     forward is taken: patches made after Step Rehash get wrapped by calling this again)."""
-    blocks = check_unet(unet, settings)
-    shallow = settings.shallow_blocks
-    deep = [*(f"input_blocks.{i}" for i in range(shallow, blocks)), "middle_block",
-            *(f"output_blocks.{i}" for i in range(blocks - shallow))]
-    kept = deep[-1]
-    patches = {}
-    for block in deep:
-        layers = list(unet.get_submodule(block).named_children())
-        for position, (name, _) in enumerate(layers):
-            path = f"{prefix}{block}.{name}.forward"
-            keeps = block == kept and position == len(layers) - 1
-            inner = getattr(current(path), WRAPPED, current(path))
-            patches[path] = _kept_forward(inner, state) if keeps else _deep_forward(inner, state)
-    return patches
+    _check_settings(settings)
+
+    def inner(path):
+        return getattr(current(path), WRAPPED, current(path))
+    if derives_from(model, "UNetModel") and hasattr(model, "output_blocks"):
+        deep = _deep_unet_blocks(model, settings.shallow_blocks)
+        patches = {}
+        for block in deep:
+            layers = [name for name, _ in model.get_submodule(block).named_children()]
+            for name in layers:
+                path = f"{prefix}{block}.{name}.forward"
+                keeps = block == deep[-1] and name == layers[-1]
+                patches[path] = _kept_forward(inner(path), state) if keeps else _deep_forward(inner(path), state)
+        return patches
+    if derives_from(model, "WanModel"):
+        deep = _deep_dit_blocks(model, settings.shallow_blocks)
+        return {f"{prefix}{block}.forward": _residual_forward(inner(f"{prefix}{block}.forward"), state,
+                                                              first=block == deep[0], last=block == deep[-1])
+                for block in deep}
+    raise UnsupportedRehashError(f"Step Rehash runs on ComfyUI's SVD-family video UNets and Wan DiTs; this model is "
+                                 f"{type(model).__name__}: remove the node for it.")
 
 
 def _stand_in(x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +148,22 @@ def _deep_forward(forward: Callable, state: RehashState) -> Callable:
         if state.reusing is not None:
             return _stand_in(x)
         return forward(x, *args, **kwargs)
+    setattr(deep, WRAPPED, forward)
+    return deep
+
+
+def _residual_forward(forward: Callable, state: RehashState, first: bool, last: bool) -> Callable:
+    """A deep DiT block: the first adds the kept residual on a reusing call, the others pass through."""
+    def deep(x, *args, **kwargs):
+        if state.reusing is not None:
+            return x + state.cache[state.reusing] if first else x
+        if first and state.recording is not None:
+            state.deep_input = x.detach().clone()  # sliced blocks may write their output in place
+        output = forward(x, *args, **kwargs)
+        if last and state.recording is not None:
+            state.cache[state.recording] = output.detach() - state.deep_input
+            state.deep_input = None
+        return output
     setattr(deep, WRAPPED, forward)
     return deep
 

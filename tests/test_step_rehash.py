@@ -75,10 +75,60 @@ def test_the_input_model_is_untouched_and_bypassing_gives_stock(svd_model):
 
 
 def test_models_and_settings_it_cannot_run_are_refused(svd_model):
-    with pytest.raises(ValueError, match="Step Rehash runs on ComfyUI's video UNets .*this model is WanModel"):
-        rehash(patcher(build_wan("tiny")))
+    import comfy.model_patcher
+
+    other = torch.nn.Module()
+    other.diffusion_model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="Step Rehash runs on ComfyUI's SVD-family video UNets and Wan DiTs; this "
+                                         "model is Linear: remove the node for it"):
+        rehash(comfy.model_patcher.ModelPatcher(other, torch.device("cpu"), torch.device("cpu")))
     with pytest.raises(ValueError, match="shallow_blocks is 4; this UNet has 4 input blocks: set it between 1 and 3"):
         rehash(svd_model, shallow_blocks=4)
+    with pytest.raises(ValueError, match="shallow_blocks is 2; this DiT has 4 blocks.*between 1 and 1"):
+        rehash(patcher(build_wan("tiny", layers=4)), shallow_blocks=2)
+    with pytest.raises(ValueError, match="interval is 0; give at least 1"):
+        rehash(svd_model, interval=0)
+
+
+@pytest.fixture(scope="module")
+def wan4(pack):
+    return patcher(build_wan("tiny", layers=4))
+
+
+def wan_sample(model, steps=5, frames=5):
+    import nodes
+    from devkit.model_fixtures import WAN_TEXT_DIM
+    generator = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 12, WAN_TEXT_DIM, generator=generator), {}]]
+    negative = [[torch.randn(1, 8, WAN_TEXT_DIM, generator=generator), {}]]
+    latent = {"samples": torch.zeros(1, 16, frames, 4, 6)}
+    return nodes.common_ksampler(model, 5, steps, 4.0, "uni_pc", "simple", positive, negative, latent)[0]["samples"]
+
+
+def block_calls(model, index: int, steps: int) -> int:
+    calls = []
+    handle = model.model.diffusion_model.blocks[index].self_attn.register_forward_pre_hook(
+        lambda module, args: calls.append(1))
+    try:
+        wan_sample(model, steps)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_wan_dit_blocks_between_the_shallow_ones_are_reused(wan4):
+    """Four blocks, shallow 1: blocks 1 and 2 run on refresh steps only, their residual is added back
+    on the others; interval 1 is stock; sliced blocks compose."""
+    from comfyui_streamline.nodes.slicing import FeatureSlicer
+
+    assert torch.equal(wan_sample(rehash(wan4, interval=1)), wan_sample(wan4))
+    rehashed = rehash(wan4, interval=2)
+    calls = [block_calls(rehashed, i, 6) for i in range(4)]  # cond and uncond: two calls a step here
+    assert calls == [calls[0], calls[0] * 4 // 6, calls[0] * 4 // 6, calls[0]] and calls[0] in (6, 12)
+    ours = wan_sample(rehashed)
+    assert torch.isfinite(ours).all() and relative_difference(ours, wan_sample(wan4)) > 1e-6
+    sliced = rehash(node_output(FeatureSlicer, wan4, 0, 3), interval=2)
+    assert relative_difference(wan_sample(sliced), ours) <= SAMPLING_TOLERANCE
 
 
 def _saved_latent(result, comfy_server) -> torch.Tensor:
