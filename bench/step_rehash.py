@@ -1,10 +1,19 @@
-"""What Step Rehash saves: FLOPs at full size by counting.
+"""What Step Rehash saves and what it costs.
 
-SVD-XT's UNet (1.52 B parameters, fp16) at 14 frames of 576x1024 (latent 72x128), CFG batch 2, under
-fake tensors (torch's FlopCounterMode): one refresh step (the whole UNet; keeping the deep features
-adds no FLOPs) and one reusing step for each shallow block count, with the node's own patched
-forwards. A sampling's FLOPs for an interval follow from which steps refresh (RehashSettings).
-Writes bench/results/step_rehash.json and .png.
+FLOPs at full size by counting (`flops`): SVD-XT's UNet (1.52 B parameters, fp16) at 14 frames of
+576x1024 (latent 72x128) and Wan 2.1 1.3B at 81 frames of 832x480, CFG batch 2, under fake tensors
+(torch's FlopCounterMode): one refresh step (the whole model; keeping the deep features adds no
+FLOPs) and one reusing step for each shallow block count, with the node's own patched forwards. A sampling's FLOPs for an interval follow from which
+steps refresh (RehashSettings). Writes bench/results/step_rehash.json and .png.
+
+Quality on the Wan 2.1 sprite model trained here (`quality`; scripts/train_video_models.py, loaded
+through ComfyUI's UNETLoader / VAELoader): each held-out prompt sampled with the same seed by stock
+KSampler, by Step Rehash at several intervals and shallow block counts, and by ComfyUI's EasyCache at
+several thresholds; per setting the sampling's FLOPs (counted) and CPU time (measured, as a ratio to
+stock in the same run), the decoded video's PSNR against stock's, and the motion measures
+(devkit/video_metrics). Writes bench/results/step_rehash_quality.json and .png.
+
+    .venv/bin/python bench/step_rehash.py [flops] [quality]
 """
 import sys
 from pathlib import Path
@@ -14,48 +23,56 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
 from reporting import cpu_machine, pyplot, write_json  # noqa: E402
-from self_check_cost import count, svd_unet_call  # noqa: E402
+from self_check_cost import count, svd_unet_call, wan_call  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH = 14, 72, 128
 STEPS = 25
-SHALLOW = (1, 3, 6)
 INTERVALS = (1, 2, 3, 4, 5)
+WORKLOADS = {  # name -> (full-size model on the meta device, (forward, inputs), dtype, shallow block counts)
+    "SVD-XT UNet, 14 frames 576x1024, CFG batch 2": (
+        lambda: model_fixtures.build_svd("full", torch.float16, "meta").diffusion_model,
+        svd_unet_call(FRAMES, HEIGHT, WIDTH), torch.float16, (1, 3, 6)),
+    "Wan 2.1 1.3B DiT, 81 frames 832x480, CFG batch 2": (
+        lambda: model_fixtures.build_wan("1.3B", torch.bfloat16, "meta").diffusion_model,
+        wan_call(21, 60, 104, 2), torch.bfloat16, (2, 5, 10)),
+}
 
 
-def step_flops(shallow_blocks: tuple) -> dict:
+def step_flops(build, call, dtype, shallow_blocks: tuple) -> dict:
     """FLOPs of a refresh step and of a reusing step per shallow block count."""
     from comfyui_streamline.core.patching import install, restore
     from comfyui_streamline.core.step_rehash import RehashSettings, RehashState, rehash_patches
 
-    forward, make_inputs = svd_unet_call(FRAMES, HEIGHT, WIDTH)
-    meta = model_fixtures.build_svd("full", torch.float16, "meta").diffusion_model
+    forward, make_inputs = call
+    meta = build()
     reusing = {}
     with FakeTensorMode():
-        unet = model_fixtures.materialize_fake(meta)
-        inputs = make_inputs(True, torch.float16)
+        model = model_fixtures.materialize_fake(meta)
+        inputs = make_inputs(True, dtype)
         with torch.inference_mode():
-            full = count(lambda: forward(unet, inputs))
+            full = count(lambda: forward(model, inputs))
             for shallow in shallow_blocks:
                 state = RehashState()
-                patches = rehash_patches(unet, RehashSettings(shallow_blocks=shallow), state,
-                                         lambda path: unet.get_submodule(path.rpartition(".")[0]).forward)
-                installed = install(unet, {path: value for path, value in patches.items()})
+                patches = rehash_patches(model, RehashSettings(shallow_blocks=shallow), state,
+                                         lambda path: model.get_submodule(path.rpartition(".")[0]).forward)
+                installed = install(model, patches)
                 try:
                     state.begin(("call",), refresh=True)
-                    forward(unet, inputs)  # keeps the deep features
+                    forward(model, inputs)  # keeps the deep features
                     state.begin(("call",), refresh=False)
-                    reusing[shallow] = count(lambda: forward(unet, inputs))
+                    reusing[shallow] = count(lambda: forward(model, inputs))
                 finally:
                     state.end()
                     restore(installed)
     return {"refresh_step": full, "reusing_step": reusing}
 
 
-def sampling_fractions(flops: dict, steps: int = STEPS) -> list:
+def sampling_fractions(workload: str, flops: dict, steps: int = STEPS) -> list:
     """Per interval and shallow block count: the sampling's FLOPs over stock's (default first/last steps)."""
     from comfyui_streamline.core.step_rehash import RehashSettings
 
@@ -65,40 +82,142 @@ def sampling_fractions(flops: dict, steps: int = STEPS) -> list:
             settings = RehashSettings(interval=interval, shallow_blocks=shallow)
             refreshes = sum(settings.refreshes(step, steps) for step in range(steps))
             total = refreshes * flops["refresh_step"] + (steps - refreshes) * reusing
-            rows.append(dict(shallow_blocks=shallow, interval=interval, refresh_steps=refreshes,
+            rows.append(dict(workload=workload, shallow_blocks=shallow, interval=interval, refresh_steps=refreshes,
                              flops_fraction=total / (steps * flops["refresh_step"])))
     return rows
 
 
 def plot(rows: list, machine: str) -> None:
     plt = pyplot()
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    for shallow in sorted({r["shallow_blocks"] for r in rows}):
-        series = [r for r in rows if r["shallow_blocks"] == shallow]
-        axis.plot([r["interval"] for r in series], [r["flops_fraction"] for r in series], marker="o",
-                  label=f"shallow_blocks {shallow}")
-    axis.set_xlabel("interval (a refresh step, then interval - 1 reusing steps)")
-    axis.set_ylabel("sampling FLOPs / stock")
-    axis.set_ylim(0, 1.05)
-    axis.set_title(f"Step Rehash, SVD-XT 14x576x1024, {STEPS} steps (first 2 and last full)", fontsize=10)
-    axis.legend()
-    fig.text(0.01, 0.01, f"FLOPs counted under fake tensors ({machine})", fontsize=7)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5))
+    for axis, workload in zip(axes, workloads):
+        for shallow in sorted({r["shallow_blocks"] for r in rows if r["workload"] == workload}):
+            series = [r for r in rows if r["workload"] == workload and r["shallow_blocks"] == shallow]
+            axis.plot([r["interval"] for r in series], [r["flops_fraction"] for r in series], marker="o",
+                      label=f"shallow_blocks {shallow}")
+        axis.set_xlabel("interval (a refresh step, then interval - 1 reusing steps)")
+        axis.set_ylabel("sampling FLOPs / stock")
+        axis.set_ylim(0, 1.05)
+        axis.set_title(f"{workload}, {STEPS} steps", fontsize=9)
+        axis.legend(fontsize=8)
+    fig.text(0.01, 0.01, f"Step Rehash (first 2 and last step full); FLOPs counted under fake tensors ({machine})",
+             fontsize=7)
     fig.tight_layout()
     fig.savefig(Path(__file__).resolve().parent / "results" / "step_rehash.png", dpi=110)
+
+
+def flops_at_full_size() -> None:
+    step, rows = {}, []
+    for workload, (build, call, dtype, shallow) in WORKLOADS.items():
+        step[workload] = step_flops(build, call, dtype, shallow)
+        rows += sampling_fractions(workload, step[workload])
+    machine = cpu_machine()
+    write_json("step_rehash", {"machine": machine, "steps": STEPS, "step_flops": step, "sampling": rows})
+    plot(rows, machine)
+    for row in rows:
+        print(row)
+
+
+QUALITY_STEPS, QUALITY_CFG, QUALITY_SEED = 20, 5.0, 7
+REHASH_SETTINGS = [(interval, shallow) for shallow in (1, 2) for interval in (2, 3, 4)]
+EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.3)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1.0 / (a - b).pow(2).mean().clamp_min(1e-10)))
+
+
+def _sampled(model, prompts: list) -> tuple:
+    """(latents, seconds, FLOPs) of sampling every prompt with the same seed."""
+    import time
+    import nodes
+    from devkit.fixture_nodes import TextEmbedding
+    from reporting import flop_counter
+    from train_video_models import FRAMES as VIDEO_FRAMES, HEIGHT as VIDEO_HEIGHT, WIDTH as VIDEO_WIDTH
+    from train_video_models import TEXT_TOKENS, TEXT_WIDTH
+
+    latents, seconds, counter = [], 0.0, flop_counter()
+    negative = TextEmbedding().encode("", TEXT_TOKENS, TEXT_WIDTH)[0]
+    for prompt in prompts:
+        positive = TextEmbedding().encode(prompt, TEXT_TOKENS, TEXT_WIDTH)[0]
+        latent = {"samples": torch.zeros(1, 16, (VIDEO_FRAMES - 1) // 4 + 1, VIDEO_HEIGHT // 8, VIDEO_WIDTH // 8)}
+        started = time.perf_counter()
+        with counter:
+            samples = nodes.common_ksampler(model, QUALITY_SEED, QUALITY_STEPS, QUALITY_CFG, "uni_pc", "simple",
+                                            positive, negative, latent)[0]["samples"]
+        seconds += time.perf_counter() - started
+        latents.append(samples)
+    return torch.cat(latents), seconds, counter.get_total_flops()
+
+
+def quality() -> None:
+    from comfy_extras.nodes_easycache import EasyCacheNode
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from comfyui_streamline.core.step_rehash import RehashSettings
+    from comfyui_streamline.nodes.step_rehash import rehashed_model
+    from devkit.sprite_videos import PROMPTS
+    from devkit.video_metrics import motion_measures
+    from train_video_models import SHIFT, load_with_comfy_nodes
+
+    model, vae = load_with_comfy_nodes(Path(__file__).resolve().parents[1] / "models" / "sprites")
+    shifted = ModelSamplingSD3().patch(model, SHIFT)[0]
+    runs = [("stock KSampler", "stock", shifted)]
+    runs += [(f"Step Rehash interval {i}, shallow {k}", "Step Rehash", rehashed_model(shifted, RehashSettings(i, k)))
+             for i, k in REHASH_SETTINGS]
+    runs += [(f"EasyCache threshold {t}", "EasyCache", EasyCacheNode.execute(shifted, t, 0.15, 0.95, False).result[0])
+             for t in EASYCACHE_THRESHOLDS]
+    prompts = list(PROMPTS)
+    _sampled(shifted, prompts[:1])  # warm-up: first-call costs out of the timings
+    rows, stock_videos = [], None
+    for name, method, patched in runs:
+        latents, seconds, flops = _sampled(patched, prompts)
+        videos = vae.decode(latents).permute(0, 1, 4, 2, 3).clamp(0, 1).float()
+        stock_videos = videos if stock_videos is None else stock_videos
+        measures = motion_measures(videos, prompts)
+        rows.append(dict(run=name, method=method, seconds=seconds, flops=flops, psnr_vs_stock=psnr(videos, stock_videos),
+                         **{k: v for k, v in measures.items() if k != "per_clip"}))
+        print({k: v for k, v in rows[-1].items()}, flush=True)
+    for row in rows:
+        row["time_ratio"], row["flops_ratio"] = row["seconds"] / rows[0]["seconds"], row["flops"] / rows[0]["flops"]
+    machine = cpu_machine()
+    write_json("step_rehash_quality", {
+        "machine": machine, "settings": dict(model="Wan 2.1 sprite model trained here (models/sprites)",
+                                             prompts=prompts, seed=QUALITY_SEED, steps=QUALITY_STEPS,
+                                             cfg=QUALITY_CFG, sampler="uni_pc", shift=SHIFT), "rows": rows})
+    plot_quality(rows, machine)
+
+
+def plot_quality(rows: list, machine: str) -> None:
+    plt = pyplot()
+    fig, (by_flops, by_time) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = {"stock": "#333333", "Step Rehash": "#4c72b0", "EasyCache": "#dd8452"}
+    for axis, key, label in ((by_flops, "flops_ratio", "sampling FLOPs / stock (counted)"),
+                             (by_time, "time_ratio", "sampling CPU time / stock (measured)")):
+        for row in rows[1:]:
+            axis.scatter(row[key], row["psnr_vs_stock"], color=colours[row["method"]])
+            axis.annotate(row["run"].replace("Step Rehash ", "").replace("EasyCache ", "EC "), (row[key], row["psnr_vs_stock"]),
+                          fontsize=6, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel(label)
+        axis.set_ylabel("PSNR of the video vs stock (dB)")
+    for method, colour in colours.items():
+        by_flops.scatter([], [], color=colour, label=method)
+    by_flops.legend(fontsize=8)
+    fig.suptitle("Step Rehash vs EasyCache on the trained Wan 2.1 sprite model (12 prompts, 20 uni_pc steps)",
+                 fontsize=10)
+    fig.text(0.01, 0.01, machine, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(__file__).resolve().parent / "results" / "step_rehash_quality.png", dpi=110)
 
 
 def main() -> None:
     import_comfyui()
     import_pack()
-    flops = step_flops(SHALLOW)
-    rows = sampling_fractions(flops)
-    machine = cpu_machine()
-    write_json("step_rehash", {"machine": machine, "workload": f"SVD-XT UNet fp16, {FRAMES} frames, latent "
-                               f"{HEIGHT}x{WIDTH}, CFG batch 2, {STEPS} steps", "step_flops": flops,
-                               "sampling": rows})
-    plot(rows, machine)
-    for row in rows:
-        print(row)
+    parts = set(sys.argv[1:]) or {"flops", "quality"}
+    if "flops" in parts:
+        flops_at_full_size()
+    if "quality" in parts:
+        quality()
 
 
 if __name__ == "__main__":
