@@ -31,7 +31,7 @@ LOADERS = {"UNETLoader": "unet_name", "CLIPLoader": "clip_name", "VAELoader": "v
 
 def test_the_served_folder_holds_only_ui_workflows_their_thumbnails_and_inputs():
     assert not (REPO_ROOT / "workflows").exists()  # ComfyUI would serve it too
-    assert len(NAMES) == 10
+    assert len(NAMES) == 11
     for path in EXAMPLES_DIR.iterdir():
         if path.is_dir():
             assert path.name == "input"
