@@ -1,5 +1,10 @@
-"""Procedural videos for CMD: sprites (discs, squares, triangles) that move, scale and rotate over
-textured backgrounds. Every clip is a function of its seed; clips are (frames, 3, height, width) in [0, 1]."""
+"""Procedural videos: sprites (discs, squares, triangles) over textured backgrounds. Every clip is a
+function of its seed; clips are (frames, 3, height, width) in [0, 1].
+
+- `sprite_video` (CMD): one or two sprites that move, scale and rotate freely.
+- `prompt_video` (the text-to-video models of scripts/train_video_models.py): one sprite that moves at
+  a steady speed in one of four directions, with the prompt that says so ("disc moving left": PROMPTS).
+"""
 import math
 
 import torch
@@ -63,3 +68,78 @@ def sprite_video(seed: int, frames: int = 8, height: int = 64, width: int = 64) 
 
 def sprite_batch(seeds, frames: int = 8, height: int = 64, width: int = 64) -> torch.Tensor:
     return torch.stack([sprite_video(seed, frames, height, width) for seed in seeds])
+
+
+# --- text-to-video clips: one sprite, one direction, one prompt -------------------------------------
+
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (x, y), image axes
+PROMPTS = tuple(f"{shape} moving {direction}" for shape in SHAPES for direction in DIRECTIONS)  # 12 prompts
+# Training draws seeds below PROMPT_HELD_OUT_SEEDS.start only; seed % 12 picks the prompt, so these 48
+# held-out clips are 4 of each prompt.
+PROMPT_HELD_OUT_SEEDS = range(10**9, 10**9 + 48)
+REFERENCE_FRAMES = 17  # the path is laid out for this many frames; other lengths keep the same speed
+
+
+def prompt_of(seed: int) -> str:
+    return PROMPTS[seed % len(PROMPTS)]
+
+
+def parse_prompt(prompt: str) -> tuple:
+    """"disc moving left" -> ("disc", "left")."""
+    shape, _, direction = prompt.partition(" moving ")
+    if shape not in SHAPES or direction not in DIRECTIONS:
+        raise ValueError(f"not one of the sprite prompts: {prompt!r} (expected '{{shape}} moving {{direction}}')")
+    return shape, direction
+
+
+def _plain_background(generator: torch.Generator, height: int, width: int) -> torch.Tensor:
+    """A muted base colour with a soft linear gradient of another colour across it."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    base = torch.rand(3, 1, 1, generator=generator) * 0.5 + 0.25
+    tilt = (torch.rand(3, 1, 1, generator=generator) * 2 - 1) * 0.12
+    angle = torch.rand((), generator=generator) * 2 * math.pi
+    image = base + tilt * ((x - 0.5) * torch.cos(angle) + (y - 0.5) * torch.sin(angle)) * 2
+    return image.clamp(0, 1)
+
+
+def prompt_video(seed: int, frames: int = REFERENCE_FRAMES, height: int = 64, width: int = 64,
+                 prompt: str | None = None) -> tuple:
+    """(video, prompt): one sprite of the prompt's shape that crosses the frame in the prompt's direction
+    at a steady speed (58-66 % of the frame per 16 frames: 2.3-2.6 px a frame at 64x64), fixed
+    orientation and size (a disc 14-17 px across), random colour kept away from the background's, over a
+    plain background with a soft colour gradient.
+    The prompt is PROMPTS[seed % 12] unless given. A shorter clip is the start of the longer one."""
+    prompt = prompt_of(seed) if prompt is None else prompt
+    shape, direction = parse_prompt(prompt)
+    generator = torch.Generator().manual_seed(seed)
+    background = _plain_background(generator, height, width)
+    colour = torch.rand(3, generator=generator)
+    for _ in range(20):  # enough contrast for the foreground masks of devkit/video_metrics.py
+        if (colour - background.mean(dim=(1, 2))).abs().max() > 0.45:
+            break
+        colour = torch.rand(3, generator=generator)
+    extent = torch.tensor([width, height], dtype=torch.float32)
+    radius = float((0.11 + 0.02 * torch.rand((), generator=generator)) * min(height, width))
+    step = torch.tensor(DIRECTIONS[direction])
+    distance = (0.58 + 0.08 * torch.rand((), generator=generator)) * min(height, width)  # over 16 frames
+    margin = radius + 0.015 * min(height, width)
+    # along the motion: start so that the whole path stays inside; across it: anywhere in the middle 50 %
+    start = margin + torch.rand(2, generator=generator) * (extent - 2 * margin - distance)
+    start = torch.where(step < 0, extent - start, start)
+    across = extent * (0.25 + 0.5 * torch.rand(2, generator=generator))
+    start = torch.where(step == 0, across, start)
+    velocity = step * distance / (REFERENCE_FRAMES - 1)
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                          indexing="ij")
+    time = torch.arange(frames, dtype=torch.float32)[:, None, None]
+    dx = (x - (start[0] + velocity[0] * time)) / radius
+    dy = (y - (start[1] + velocity[1] * time)) / radius
+    coverage = _inside(shape, dx, dy)[:, None]
+    video = background * (1 - coverage) + colour[None, :, None, None] * coverage
+    return video, prompt
+
+
+def prompt_batch(seeds, frames: int = REFERENCE_FRAMES, height: int = 64, width: int = 64) -> tuple:
+    """(clips (n, frames, 3, h, w), prompts)."""
+    clips, prompts = zip(*(prompt_video(seed, frames, height, width) for seed in seeds))
+    return torch.stack(clips), list(prompts)
