@@ -13,7 +13,7 @@ several thresholds; per setting the sampling's FLOPs (counted) and CPU time (mea
 stock in the same run), the decoded video's PSNR against stock's, and the motion measures
 (devkit/video_metrics). Writes bench/results/step_rehash_quality.json and .png.
 
-    .venv/bin/python bench/step_rehash.py [flops] [quality]
+    .venv/bin/python bench/step_rehash.py [flops] [quality]      (flops by default)
 """
 import sys
 from pathlib import Path
@@ -128,8 +128,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a - b).pow(2).mean().clamp_min(1e-10)))
 
 
-def _sampled(model, prompts: list) -> tuple:
-    """(latents, seconds, FLOPs) of sampling every prompt with the same seed."""
+def _sample(model, prompt: str) -> tuple:
+    """(latent, seconds, FLOPs) of one prompt sampled with the bench's seed."""
     import time
     import nodes
     from devkit.fixture_nodes import TextEmbedding
@@ -137,18 +137,15 @@ def _sampled(model, prompts: list) -> tuple:
     from train_video_models import FRAMES as VIDEO_FRAMES, HEIGHT as VIDEO_HEIGHT, WIDTH as VIDEO_WIDTH
     from train_video_models import TEXT_TOKENS, TEXT_WIDTH
 
-    latents, seconds, counter = [], 0.0, flop_counter()
     negative = TextEmbedding().encode("", TEXT_TOKENS, TEXT_WIDTH)[0]
-    for prompt in prompts:
-        positive = TextEmbedding().encode(prompt, TEXT_TOKENS, TEXT_WIDTH)[0]
-        latent = {"samples": torch.zeros(1, 16, (VIDEO_FRAMES - 1) // 4 + 1, VIDEO_HEIGHT // 8, VIDEO_WIDTH // 8)}
-        started = time.perf_counter()
-        with counter:
-            samples = nodes.common_ksampler(model, QUALITY_SEED, QUALITY_STEPS, QUALITY_CFG, "uni_pc", "simple",
-                                            positive, negative, latent)[0]["samples"]
-        seconds += time.perf_counter() - started
-        latents.append(samples)
-    return torch.cat(latents), seconds, counter.get_total_flops()
+    positive = TextEmbedding().encode(prompt, TEXT_TOKENS, TEXT_WIDTH)[0]
+    latent = {"samples": torch.zeros(1, 16, (VIDEO_FRAMES - 1) // 4 + 1, VIDEO_HEIGHT // 8, VIDEO_WIDTH // 8)}
+    counter = flop_counter()
+    started = time.perf_counter()
+    with counter:
+        samples = nodes.common_ksampler(model, QUALITY_SEED, QUALITY_STEPS, QUALITY_CFG, "uni_pc", "simple",
+                                        positive, negative, latent)[0]["samples"]
+    return samples, time.perf_counter() - started, counter.get_total_flops()
 
 
 def quality() -> None:
@@ -168,18 +165,25 @@ def quality() -> None:
     runs += [(f"EasyCache threshold {t}", "EasyCache", EasyCacheNode.execute(shifted, t, 0.15, 0.95, False).result[0])
              for t in EASYCACHE_THRESHOLDS]
     prompts = list(PROMPTS)
-    _sampled(shifted, prompts[:1])  # warm-up: first-call costs out of the timings
+    _sample(shifted, prompts[0])  # warm-up: first-call costs out of the timings
+    results = {name: {"latents": [], "seconds": 0.0, "flops": 0} for name, _, _ in runs}
+    for prompt in prompts:  # settings interleaved per prompt: a busy machine slows them alike
+        for name, _, patched in runs:
+            latent, seconds, flops = _sample(patched, prompt)
+            results[name]["latents"].append(latent)
+            results[name]["seconds"] += seconds
+            results[name]["flops"] += flops
     rows, stock_videos = [], None
-    for name, method, patched in runs:
-        latents, seconds, flops = _sampled(patched, prompts)
-        videos = vae.decode(latents).permute(0, 1, 4, 2, 3).clamp(0, 1).float()
+    for name, method, _ in runs:
+        videos = vae.decode(torch.cat(results[name]["latents"])).permute(0, 1, 4, 2, 3).clamp(0, 1).float()
         stock_videos = videos if stock_videos is None else stock_videos
         measures = motion_measures(videos, prompts)
-        rows.append(dict(run=name, method=method, seconds=seconds, flops=flops, psnr_vs_stock=psnr(videos, stock_videos),
+        rows.append(dict(run=name, method=method, seconds=results[name]["seconds"], flops=results[name]["flops"],
+                         psnr_vs_stock=psnr(videos, stock_videos),
                          **{k: v for k, v in measures.items() if k != "per_clip"}))
-        print({k: v for k, v in rows[-1].items()}, flush=True)
     for row in rows:
         row["time_ratio"], row["flops_ratio"] = row["seconds"] / rows[0]["seconds"], row["flops"] / rows[0]["flops"]
+        print(row, flush=True)
     machine = cpu_machine()
     write_json("step_rehash_quality", {
         "machine": machine, "settings": dict(model="Wan 2.1 sprite model trained here (models/sprites)",
@@ -213,7 +217,7 @@ def plot_quality(rows: list, machine: str) -> None:
 def main() -> None:
     import_comfyui()
     import_pack()
-    parts = set(sys.argv[1:]) or {"flops", "quality"}
+    parts = set(sys.argv[1:]) or {"flops"}  # quality needs models/sprites (scripts/train_video_models.py)
     if "flops" in parts:
         flops_at_full_size()
     if "quality" in parts:
