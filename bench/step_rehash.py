@@ -6,12 +6,13 @@ FLOPs at full size by counting (`flops`): SVD-XT's UNet (1.52 B parameters, fp16
 FLOPs) and one reusing step for each shallow block count, with the node's own patched forwards. A sampling's FLOPs for an interval follow from which
 steps refresh (RehashSettings). Writes bench/results/step_rehash.json and .png.
 
-Quality on the Wan 2.1 sprite model trained here (`quality`; scripts/train_video_models.py, loaded
-through ComfyUI's UNETLoader / VAELoader): each held-out prompt sampled with the same seed by stock
-KSampler, by Step Rehash at several intervals and shallow block counts, and by ComfyUI's EasyCache at
-several thresholds; per setting the sampling's FLOPs (counted) and CPU time (measured, as a ratio to
-stock in the same run), the decoded video's PSNR against stock's, and the motion measures
-(devkit/video_metrics). Writes bench/results/step_rehash_quality.json and .png.
+Quality on the two sprite models trained here (`quality`): the Wan 2.1 T2V model
+(scripts/train_video_models.py, through ComfyUI's UNETLoader / VAELoader; each of the 12 prompts) and
+the SVD I2V model (scripts/train_svd_sprites.py; the first frames of 12 held-out clips), each sampled
+with the same seed by stock KSampler, by Step Rehash at several intervals and shallow block counts, and
+by ComfyUI's EasyCache at several thresholds; per setting the sampling's FLOPs (counted) and CPU time
+(measured, as a ratio to stock in the same run), the decoded video's PSNR against stock's, and the
+motion measures (devkit/video_metrics). Writes bench/results/step_rehash_quality.json and .png.
 
     .venv/bin/python bench/step_rehash.py [flops] [quality]      (flops by default)
 """
@@ -119,96 +120,146 @@ def flops_at_full_size() -> None:
         print(row)
 
 
-QUALITY_STEPS, QUALITY_CFG, QUALITY_SEED = 20, 5.0, 7
-REHASH_SETTINGS = [(interval, shallow) for shallow in (1, 2) for interval in (2, 3, 4)]
-EASYCACHE_THRESHOLDS = (0.1, 0.2, 0.3)
+QUALITY_SEED = 7
+# (interval, shallow_blocks) per trained model: the Wan DiT has 4 blocks (1: blocks 1-2 reused); the SVD
+# UNet 4 input blocks (1: all but the input convolution reused, 2: the 8x8 level, 3: its second half)
+REHASH_SETTINGS = {"wan": [(2, 1), (3, 1), (4, 1), (6, 1)],
+                   "svd": [(2, 2), (3, 2), (4, 2), (6, 2), (3, 1), (3, 3)]}
+EASYCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a - b).pow(2).mean().clamp_min(1e-10)))
 
 
-def _sample(model, prompt: str) -> tuple:
-    """(latent, seconds, FLOPs) of one prompt sampled with the bench's seed."""
+def _timed(sample) -> tuple:
+    """(latent, seconds, FLOPs) of one sampling."""
     import time
-    import nodes
-    from devkit.fixture_nodes import TextEmbedding
     from reporting import flop_counter
-    from train_video_models import FRAMES as VIDEO_FRAMES, HEIGHT as VIDEO_HEIGHT, WIDTH as VIDEO_WIDTH
-    from train_video_models import TEXT_TOKENS, TEXT_WIDTH
-
-    negative = TextEmbedding().encode("", TEXT_TOKENS, TEXT_WIDTH)[0]
-    positive = TextEmbedding().encode(prompt, TEXT_TOKENS, TEXT_WIDTH)[0]
-    latent = {"samples": torch.zeros(1, 16, (VIDEO_FRAMES - 1) // 4 + 1, VIDEO_HEIGHT // 8, VIDEO_WIDTH // 8)}
     counter = flop_counter()
     started = time.perf_counter()
     with counter:
-        samples = nodes.common_ksampler(model, QUALITY_SEED, QUALITY_STEPS, QUALITY_CFG, "uni_pc", "simple",
-                                        positive, negative, latent)[0]["samples"]
+        samples = sample()
     return samples, time.perf_counter() - started, counter.get_total_flops()
 
 
-def quality() -> None:
-    from comfy_extras.nodes_easycache import EasyCacheNode
+def wan_jobs() -> tuple:
+    """(model, decode, [(label, prompt text, sample(model))]) for the Wan 2.1 sprite model: every prompt."""
+    import nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from devkit.fixture_nodes import TextEmbedding
+    from devkit.sprite_videos import PROMPTS
+    from devkit.sprite_workflows import (CFG, FRAMES, HEIGHT, SAMPLER, SCHEDULER, SHIFT, SPRITE_MODELS_DIR, STEPS,
+                                         TEXT_TOKENS, TEXT_WIDTH, WIDTH)
+    from train_video_models import load_with_comfy_nodes
+
+    model, vae = load_with_comfy_nodes(SPRITE_MODELS_DIR)
+    negative = TextEmbedding().encode("", TEXT_TOKENS, TEXT_WIDTH)[0]
+    latent = {"samples": torch.zeros(1, 16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)}
+
+    def job(text):
+        positive = TextEmbedding().encode(text, TEXT_TOKENS, TEXT_WIDTH)[0]
+        return lambda patched: nodes.common_ksampler(patched, QUALITY_SEED, STEPS, CFG, SAMPLER, SCHEDULER, positive,
+                                                     negative, latent)[0]["samples"]
+
+    def decode(latents):
+        return vae.decode(torch.cat(latents)).permute(0, 1, 4, 2, 3).clamp(0, 1).float()
+    settings = dict(model="Wan 2.1 T2V sprite model trained here", steps=STEPS, cfg=CFG, sampler=SAMPLER,
+                    scheduler=SCHEDULER, shift=SHIFT)
+    return (ModelSamplingSD3().patch(model, SHIFT)[0], decode, [(text, text, job(text)) for text in PROMPTS],
+            settings)
+
+
+def svd_jobs() -> tuple:
+    """The same for the SVD sprite model: the first frames of 12 held-out clips (one per prompt)."""
+    import nodes
+    from comfy_extras.nodes_video_model import SVD_img2vid_Conditioning, VideoLinearCFGGuidance
+    from devkit.fixture_nodes import TinyCLIPVision, load_small_svd_checkpoint
+    from devkit.sprite_videos import PROMPT_HELD_OUT_SEEDS, prompt_of, prompt_video
+    from devkit.sprite_workflows import HEIGHT, SPRITE_MODELS_DIR, SVD_FILE, SVD_FRAMES, SVD_SAMPLING, WIDTH
+
+    model, vae = load_small_svd_checkpoint(str(SPRITE_MODELS_DIR / SVD_FILE))
+    clip_vision = TinyCLIPVision().load(0)[0]
+    steps = SVD_SAMPLING["steps"]
+
+    def job(seed):
+        frame = prompt_video(seed, frames=1)[0][0].permute(1, 2, 0)[None]
+        positive, negative, latent = SVD_img2vid_Conditioning().encode(
+            clip_vision, frame, vae, WIDTH, HEIGHT, SVD_FRAMES, SVD_SAMPLING["motion_bucket_id"], SVD_SAMPLING["fps"], 0.0)
+        return lambda patched: nodes.common_ksampler(
+            patched, QUALITY_SEED, steps, SVD_SAMPLING["cfg"], SVD_SAMPLING["sampler"], SVD_SAMPLING["scheduler"],
+            positive, negative, latent)[0]["samples"]
+
+    def decode(latents):
+        return torch.stack([vae.decode(latent).permute(0, 3, 1, 2).clamp(0, 1).float() for latent in latents])
+    seeds = list(PROMPT_HELD_OUT_SEEDS[:12])
+    settings = dict(model="SVD image-to-video sprite model trained here", steps=steps, **SVD_SAMPLING)
+    return (VideoLinearCFGGuidance().patch(model, SVD_SAMPLING["min_cfg"])[0], decode,
+            [(f"held-out clip {seed}", prompt_of(seed), job(seed)) for seed in seeds], settings)
+
+
+def quality_of(name: str, jobs) -> list:
+    from comfy_extras.nodes_easycache import EasyCacheNode
     from comfyui_streamline.core.step_rehash import RehashSettings
     from comfyui_streamline.nodes.step_rehash import rehashed_model
-    from devkit.sprite_videos import PROMPTS
     from devkit.video_metrics import motion_measures
-    from train_video_models import SHIFT, load_with_comfy_nodes
 
-    model, vae = load_with_comfy_nodes(Path(__file__).resolve().parents[1] / "models" / "sprites")
-    shifted = ModelSamplingSD3().patch(model, SHIFT)[0]
-    runs = [("stock KSampler", "stock", shifted)]
-    runs += [(f"Step Rehash interval {i}, shallow {k}", "Step Rehash", rehashed_model(shifted, RehashSettings(i, k)))
-             for i, k in REHASH_SETTINGS]
-    runs += [(f"EasyCache threshold {t}", "EasyCache", EasyCacheNode.execute(shifted, t, 0.15, 0.95, False).result[0])
+    model, decode, items, settings = jobs
+    runs = [("stock KSampler", "stock", model)]
+    runs += [(f"Step Rehash interval {i}, shallow {k}", "Step Rehash", rehashed_model(model, RehashSettings(i, k)))
+             for i, k in REHASH_SETTINGS[name]]
+    runs += [(f"EasyCache threshold {t}", "EasyCache", EasyCacheNode.execute(model, t, 0.15, 0.95, False).result[0])
              for t in EASYCACHE_THRESHOLDS]
-    prompts = list(PROMPTS)
-    _sample(shifted, prompts[0])  # warm-up: first-call costs out of the timings
-    results = {name: {"latents": [], "seconds": 0.0, "flops": 0} for name, _, _ in runs}
-    for prompt in prompts:  # settings interleaved per prompt: a busy machine slows them alike
-        for name, _, patched in runs:
-            latent, seconds, flops = _sample(patched, prompt)
-            results[name]["latents"].append(latent)
-            results[name]["seconds"] += seconds
-            results[name]["flops"] += flops
+    items[0][2](model)  # warm-up: first-call costs out of the timings
+    results = {run: {"latents": [], "seconds": 0.0, "flops": 0} for run, _, _ in runs}
+    for _, _, sample in items:  # settings interleaved per item: a busy machine slows them alike
+        for run, _, patched in runs:
+            latent, seconds, flops = _timed(lambda: sample(patched))
+            results[run]["latents"].append(latent)
+            results[run]["seconds"] += seconds
+            results[run]["flops"] += flops
+    texts = [text for _, text, _ in items]
     rows, stock_videos = [], None
-    for name, method, _ in runs:
-        videos = vae.decode(torch.cat(results[name]["latents"])).permute(0, 1, 4, 2, 3).clamp(0, 1).float()
+    for run, method, _ in runs:
+        videos = decode(results[run]["latents"])
         stock_videos = videos if stock_videos is None else stock_videos
-        measures = motion_measures(videos, prompts)
-        rows.append(dict(run=name, method=method, seconds=results[name]["seconds"], flops=results[name]["flops"],
-                         psnr_vs_stock=psnr(videos, stock_videos),
+        measures = motion_measures(videos, texts)
+        rows.append(dict(model=name, run=run, method=method, seconds=results[run]["seconds"],
+                         flops=results[run]["flops"], psnr_vs_stock=psnr(videos, stock_videos),
                          **{k: v for k, v in measures.items() if k != "per_clip"}))
     for row in rows:
         row["time_ratio"], row["flops_ratio"] = row["seconds"] / rows[0]["seconds"], row["flops"] / rows[0]["flops"]
         print(row, flush=True)
+    return [dict(settings=settings, items=[label for label, _, _ in items], seed=QUALITY_SEED)] + rows
+
+
+def quality() -> None:
+    results = {"wan": quality_of("wan", wan_jobs()), "svd": quality_of("svd", svd_jobs())}
     machine = cpu_machine()
-    write_json("step_rehash_quality", {
-        "machine": machine, "settings": dict(model="Wan 2.1 sprite model trained here (models/sprites)",
-                                             prompts=prompts, seed=QUALITY_SEED, steps=QUALITY_STEPS,
-                                             cfg=QUALITY_CFG, sampler="uni_pc", shift=SHIFT), "rows": rows})
-    plot_quality(rows, machine)
+    write_json("step_rehash_quality", {"machine": machine, **{
+        name: {"settings": rows[0], "rows": rows[1:]} for name, rows in results.items()}})
+    plot_quality({name: rows[1:] for name, rows in results.items()}, machine)
 
 
-def plot_quality(rows: list, machine: str) -> None:
+def plot_quality(rows_of: dict, machine: str) -> None:
     plt = pyplot()
-    fig, (by_flops, by_time) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     colours = {"stock": "#333333", "Step Rehash": "#4c72b0", "EasyCache": "#dd8452"}
-    for axis, key, label in ((by_flops, "flops_ratio", "sampling FLOPs / stock (counted)"),
-                             (by_time, "time_ratio", "sampling CPU time / stock (measured)")):
-        for row in rows[1:]:
-            axis.scatter(row[key], row["psnr_vs_stock"], color=colours[row["method"]])
-            axis.annotate(row["run"].replace("Step Rehash ", "").replace("EasyCache ", "EC "), (row[key], row["psnr_vs_stock"]),
-                          fontsize=6, xytext=(3, 3), textcoords="offset points")
-        axis.set_xlabel(label)
-        axis.set_ylabel("PSNR of the video vs stock (dB)")
-    for method, colour in colours.items():
-        by_flops.scatter([], [], color=colour, label=method)
-    by_flops.legend(fontsize=8)
-    fig.suptitle("Step Rehash vs EasyCache on the trained Wan 2.1 sprite model (12 prompts, 20 uni_pc steps)",
-                 fontsize=10)
+    titles = {"wan": "Wan 2.1 T2V sprite model", "svd": "SVD I2V sprite model"}
+    for (name, rows), (by_flops, by_time) in zip(rows_of.items(), axes):
+        for axis, key, label in ((by_flops, "flops_ratio", "sampling FLOPs / stock (counted)"),
+                                 (by_time, "time_ratio", "sampling CPU time / stock (measured)")):
+            for row in rows[1:]:
+                axis.scatter(row[key], row["psnr_vs_stock"], color=colours[row["method"]])
+                axis.annotate(row["run"].replace("Step Rehash ", "").replace("EasyCache ", "EC "),
+                              (row[key], row["psnr_vs_stock"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            axis.set_xlabel(label)
+            axis.set_ylabel("PSNR of the video vs stock (dB)")
+            axis.set_title(f"{titles[name]}: 12 videos, 20 steps", fontsize=9)
+        for method, colour in colours.items():
+            by_flops.scatter([], [], color=colour, label=method)
+        by_flops.legend(fontsize=8)
+    fig.suptitle("Step Rehash vs ComfyUI's EasyCache on the models trained here", fontsize=10)
     fig.text(0.01, 0.01, machine, fontsize=7)
     fig.tight_layout()
     fig.savefig(Path(__file__).resolve().parent / "results" / "step_rehash_quality.png", dpi=110)

@@ -1,5 +1,5 @@
 """Inputs the demo and the end-to-end tests give a headless ComfyUI: tiny models (also under the official
-file names the shipped example workflows load) and the example inputs."""
+file names the shipped example workflows load), the sprite models trained here and the example inputs."""
 import shutil
 from pathlib import Path
 
@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from .model_fixtures import _save, build_wan, save_svd_checkpoint, save_wan_diffusion_model, save_wan_vae, write_tiny_models
 from .sprite_videos import HELD_OUT_SEEDS, sprite_video
+from .sprite_workflows import link_sprite_models, write_first_frames
 
 INPUT_IMAGE = "streamline_demo_input.png"
 SPRITE_CLIP = "streamline_sprites_clip.webp"  # 8 frames of 64x64, a held-out CMD clip
@@ -77,11 +78,13 @@ def write_example_inputs(input_dir: Path) -> None:
 
 
 def prepare_base_dir(base_dir: Path) -> None:
-    """Fills a ComfyUI base folder with the tiny models (also under the official names) and the
-    inputs: the shipped example inputs, copied to input/ as the README tells users to (kept if present)."""
+    """Fills a ComfyUI base folder with the tiny models (also under the official names), the trained
+    sprite models (linked from models/sprites) and the inputs: the shipped example inputs, copied to
+    input/ as the README tells users to (kept if present)."""
     from .workflows import EXAMPLE_INPUTS_DIR
 
     write_tiny_models(Path(base_dir) / "models")
+    link_sprite_models(Path(base_dir) / "models")
     for relative, save in OFFICIAL_NAME_FIXTURES.items():
         if not (Path(base_dir) / "models" / relative).exists():
             save(Path(base_dir) / "models" / relative)
@@ -91,6 +94,7 @@ def prepare_base_dir(base_dir: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({}, str(path))
     (Path(base_dir) / "input").mkdir(parents=True, exist_ok=True)
+    write_first_frames(Path(base_dir) / "input")
     for source in sorted(EXAMPLE_INPUTS_DIR.glob("*")) if EXAMPLE_INPUTS_DIR.is_dir() else []:
         if not (Path(base_dir) / "input" / source.name).exists():
             shutil.copy(source, Path(base_dir) / "input" / source.name)

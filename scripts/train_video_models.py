@@ -45,17 +45,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from devkit.comfy_env import comfyui_version, import_comfyui  # noqa: E402
+from devkit.sprite_workflows import (CFG, DIT_FILE, FRAMES, HEIGHT, SAMPLER, SHIFT, STEPS, TEXT_TOKENS,  # noqa: E402
+                                      TEXT_WIDTH, VAE_FILE, WIDTH)
 from devkit.sprite_videos import PROMPT_HELD_OUT_SEEDS, PROMPTS, parse_prompt, prompt_batch, prompt_of  # noqa: E402
 from devkit.video_metrics import motion_measures  # noqa: E402
 
 log = logging.getLogger("train_video_models")
 CHECKPOINT_EVERY = 50
-FRAMES, HEIGHT, WIDTH = 17, 64, 64  # latent 16 x 5 x 8 x 8
 LATENT_SHAPE = (16, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
-SHIFT = 3.0
-TEXT_TOKENS, TEXT_WIDTH = 16, 4096  # the TextEmbedding fixture node's defaults
-VAE_FILE = "streamline_sprites_wan21_vae.safetensors"
-DIT_FILE = "streamline_sprites_wan21_t2v.safetensors"
 DIT_CONFIG = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, out_dim=16,
                   freq_dim=256, text_dim=4096, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
                   dim=256, ffn_dim=1024, num_heads=2, num_layers=4)
@@ -98,7 +95,7 @@ def torch_default_init_(module: torch.nn.Module) -> torch.nn.Module:
             torch.nn.Linear.reset_parameters(sub)
         elif isinstance(sub, torch.nn.modules.conv._ConvNd):
             torch.nn.modules.conv._ConvNd.reset_parameters(sub)
-        elif isinstance(sub, torch.nn.LayerNorm) and sub.elementwise_affine:
+        elif isinstance(sub, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and sub.weight is not None:
             torch.nn.init.ones_(sub.weight)
             if sub.bias is not None:
                 torch.nn.init.zeros_(sub.bias)
@@ -669,7 +666,7 @@ def main(argv=None) -> None:
     parser.add_argument("phase", nargs="?", default="all", choices=("all", "wan-vae", "wan-dit", "evaluate"))
     parser.add_argument("--quick", action="store_true", help="a few steps of everything, written under artifacts/")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=550)
+    parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=4)
     parser.add_argument("--vae-crop", type=int, default=32, help="train on crops this wide (0: whole frames)")
     parser.add_argument("--vae-frames", type=int, default=17,
@@ -678,7 +675,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-kl", type=float, default=1e-4)
     parser.add_argument("--norm-clips", type=int, default=96)
     parser.add_argument("--bank-clips", type=int, default=720)
-    parser.add_argument("--dit-steps", type=int, default=1400)
+    parser.add_argument("--dit-steps", type=int, default=2000)
     parser.add_argument("--dit-batch", type=int, default=16)
     parser.add_argument("--dit-lr", type=float, default=1e-3)
     parser.add_argument("--uncond", type=float, default=0.1, help="prompt dropout to the embedding of ''")
@@ -686,11 +683,11 @@ def main(argv=None) -> None:
     parser.add_argument("--held-out", type=int, default=len(PROMPT_HELD_OUT_SEEDS))
     parser.add_argument("--sample-prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--samples-per-prompt", type=int, default=2)
-    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--sample-steps", type=int, default=STEPS)
     parser.add_argument("--test-steps", type=int, default=8, help="also sampled with this many steps (the test's)")
     parser.add_argument("--sample-seed", type=int, default=500)
-    parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--sampler", default=SAMPLER)
+    parser.add_argument("--cfg", type=float, default=CFG)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1: on a shared 2-core machine a second thread waits on the first and "
                              "a step took 3-40x longer")

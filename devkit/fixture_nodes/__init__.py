@@ -1,5 +1,6 @@
 """Fixture nodes for tests and the demo: stand-ins for encoders whose ComfyUI configs are fixed at full
 size (umt5-xxl for Wan, ViT-H CLIP vision for SVD, the Wan 2.2 VAE), so stock workflows run on a CPU with tiny models,
+a loader for the small SVD-architecture sprite model trained here (ComfyUI detects SVD only at full size),
 and a host patch that no slicing can match (the self-check's end-to-end test).
 Loaded next to the product by the harness only; never part of a user's install."""
 import hashlib
@@ -106,6 +107,80 @@ class TinyWan22VAE:
         return (vae,)
 
 
+SMALL_SVD_UNET_KEYS = {"model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
+                       "transformer_depth_output", "transformer_depth_middle"}
+SMALL_SVD_VAE_KEYS = {"ch", "ch_mult", "num_res_blocks", "z_channels"}
+
+
+def _config_from_metadata(metadata: dict, key: str, allowed: set) -> dict:
+    """A JSON object of ints and lists of ints under `key` in a safetensors header, only `allowed` keys."""
+    config = json.loads(metadata.get(key, "null"))
+    if not isinstance(config, dict) or not set(config) <= allowed or not all(
+            isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v)) for v in config.values()):
+        raise ValueError(f"not a small SVD checkpoint: its header has no valid {key!r} (keys {sorted(allowed)})")
+    return config
+
+
+def small_svd_unet_config(small: dict) -> dict:
+    """SVD img2vid's VideoUNet config (what ComfyUI's detection gives for SVD) with the small sizes."""
+    import comfy.supported_models
+    return {**comfy.supported_models.SVD_img2vid.unet_config, "use_checkpoint": False, "image_size": 32,
+            "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential", "out_channels": 4,
+            "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
+            "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "disable_temporal_crossattention": False, **small}
+
+
+def load_small_svd_checkpoint(path: str) -> tuple:
+    """(MODEL, VAE) from a file written by scripts/train_svd_sprites.py: ComfyUI's SVD_img2vid model
+    (VideoUNet) and an SD-style AutoencoderKL, built from the small configs in the file's header (JSON)
+    with ComfyUI's own classes, weights loaded strictly."""
+    import comfy.latent_formats
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    unet_config = small_svd_unet_config(_config_from_metadata(metadata, "streamline_svd_unet", SMALL_SVD_UNET_KEYS))
+    ddconfig = {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
+                "dropout": 0.0, **_config_from_metadata(metadata, "streamline_sd_vae", SMALL_SVD_VAE_KEYS)}
+    state_dict = comfy.utils.load_torch_file(path)
+    model_config = comfy.supported_models.SVD_img2vid(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    unet_weights = {k[len("model.diffusion_model."):]: v for k, v in state_dict.items()
+                    if k.startswith("model.diffusion_model.")}
+    model.diffusion_model.load_state_dict(unet_weights, strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    vae_weights = {k[len("first_stage_model."):]: v for k, v in state_dict.items() if k.startswith("first_stage_model.")}
+    vae = comfy.sd.VAE(sd=vae_weights, config={"params": {"ddconfig": ddconfig, "embed_dim": ddconfig["z_channels"]}})
+    missing, unexpected = vae.first_stage_model.load_state_dict(vae_weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"not a small SVD checkpoint: VAE weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return patcher, vae
+
+
+class SmallSVDCheckpoint:
+    """The small SVD-architecture image-to-video model trained here, with its VAE (MODEL, VAE as
+    ImageOnlyCheckpointLoader gives them; CLIP vision: Tiny CLIP Vision)."""
+    CATEGORY = "Streamline fixtures"
+    RETURN_TYPES = ("MODEL", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),)}}
+
+    def load(self, ckpt_name):
+        import folder_paths
+        return load_small_svd_checkpoint(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+
+
 class ChunkSensitiveLayer:
     """A host patch that is not per token, for the self-check test: the output projection of one Wan
     block's self-attention scales its result by a factor that depends on how many tokens it is given,
@@ -135,10 +210,12 @@ NODE_CLASS_MAPPINGS = {
     "StreamlineFixtureTextEmbedding": TextEmbedding,
     "StreamlineFixtureChunkSensitiveLayer": ChunkSensitiveLayer,
     "StreamlineFixtureTinyWan22VAE": TinyWan22VAE,
+    "StreamlineFixtureSmallSVDCheckpoint": SmallSVDCheckpoint,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "StreamlineFixtureTinyCLIPVision": "Tiny CLIP Vision (fixture)",
     "StreamlineFixtureTextEmbedding": "Text Embedding (fixture)",
     "StreamlineFixtureChunkSensitiveLayer": "Chunk-Sensitive Layer (fixture)",
     "StreamlineFixtureTinyWan22VAE": "Tiny Wan 2.2 VAE (fixture)",
+    "StreamlineFixtureSmallSVDCheckpoint": "Small SVD Checkpoint (fixture)",
 }
