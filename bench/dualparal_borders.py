@@ -14,8 +14,9 @@ little about quality). Writes bench/results/dualparal_borders.json.
 VAELoader), trained on 17-frame clips (5 latent frames): an 81-frame video (21 latent frames) per
 prompt in blocks of 5 latent frames, each block as long as a training clip. Changes are measured on the
 decoded video (mean |x[t+1] - x[t]| per frame pair; the border before latent frame b lies between video
-frames 4b-4 and 4b-3), with the motion measures (devkit/video_metrics) of the first 17 frames, where the
-sprite is still in the picture. Writes bench/results/dualparal_borders_trained.json and a PNG strip of
+frames 4b-4 and 4b-3), and so is how far the sprite's centre moves between frames at borders and inside
+blocks (a sprite that jumps back at a border moves ~30 px there, ~2.5 px inside), with the motion
+measures (devkit/video_metrics) of the first 17 frames, where the sprite is still in the picture. Writes bench/results/dualparal_borders_trained.json and a PNG strip of
 the frames around the first border (one piece above, block-wise below).
 
     .venv/bin/python bench/dualparal_borders.py [fixture] [trained]"""
@@ -89,6 +90,15 @@ def video_changes(videos: torch.Tensor) -> torch.Tensor:
     return (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(0, 2, 3, 4))
 
 
+def sprite_steps(videos: torch.Tensor) -> torch.Tensor:
+    """(clips, frames - 1) how far the sprite's centre moves from frame t to t + 1, px (NaN where a frame
+    has no sprite; devkit/video_metrics.centre_tracks)."""
+    from devkit.video_metrics import centre_tracks
+    centres, _ = centre_tracks(videos)
+    return (centres[:, 1:] - centres[:, :-1]).norm(dim=-1)
+
+
+@torch.no_grad()
 def trained():
     import nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
@@ -123,7 +133,11 @@ def trained():
         videos_of[name] = videos
         changes = video_changes(videos)
         measures = motion_measures(videos[:, :FRAMES], list(TRAINED_PROMPTS))
+        steps = sprite_steps(videos)
+        inside = [t for t in range(steps.shape[1]) if t not in borders]
         rows.append(dict(run=name, border_ratio=border_ratio(changes, borders), mean_change=float(changes.mean()),
+                         sprite_step_at_borders_px=float(steps[:, borders].nanmean()),
+                         sprite_step_inside_px=float(steps[:, inside].nanmean()),
                          **{f"first_{FRAMES}_frames_{k}": v for k, v in measures.items() if k != "per_clip"}))
         print(rows[-1], flush=True)
     machine = cpu_machine()
@@ -136,9 +150,9 @@ def trained():
 
 
 def save_strip(videos_of: dict, border: int) -> None:
-    """Frames border-3 .. border+4 of each prompt's video, one row per run and prompt."""
+    """Every second frame from 0 to two blocks past the first border, one row per run and prompt."""
     from PIL import Image
-    rows = [videos[clip, border - 3:border + 5] for clip in range(len(TRAINED_PROMPTS))
+    rows = [videos[clip, 0:border + 1 + 4 * LATENT_FRAMES_PER_BLOCK:2] for clip in range(len(TRAINED_PROMPTS))
             for videos in videos_of.values()]
     grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # (3, rows * h, frames * w)
     image = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
