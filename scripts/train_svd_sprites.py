@@ -47,8 +47,8 @@ from devkit.comfy_env import comfyui_version, import_comfyui  # noqa: E402
 from devkit.sprite_videos import PROMPT_HELD_OUT_SEEDS, prompt_batch  # noqa: E402
 from devkit.sprite_workflows import SVD_FILE, SVD_FRAMES, SVD_SAMPLING, SVD_SD_VAE, SVD_UNET  # noqa: E402
 from devkit.video_metrics import background_differences, motion_measures  # noqa: E402
-from train_video_models import (CHECKPOINT_EVERY, Budget, Stopped, autocast, learning_rate,  # noqa: E402
-                                load_checkpoint, psnr, save_checkpoint, save_strip, summary, torch_default_init_)
+from train_video_models import (CHECKPOINT_EVERY, Budget, Stopped, autocast, host_training,  # noqa: E402
+                                learning_rate, load_checkpoint, psnr, save_checkpoint, save_strip, summary, torch_default_init_)
 
 log = logging.getLogger("train_svd_sprites")
 HEIGHT = WIDTH = 64
@@ -201,7 +201,7 @@ def new_unet():
     model_config = comfy.supported_models.SVD_img2vid(small_svd_unet_config(SVD_UNET))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    torch_default_init_(model.diffusion_model)
+    torch_default_init_(model.diffusion_model).requires_grad_(True)  # ComfyUI 0.33 builds it frozen
     torch.nn.init.zeros_(model.diffusion_model.out[-1].weight)
     torch.nn.init.zeros_(model.diffusion_model.out[-1].bias)
     return model
@@ -272,6 +272,8 @@ def train_unet(args, budget: Budget, vae):
         net.load_state_dict(saved["model"])
         ema, state = saved["ema"], saved["state"]
         optimizer.load_state_dict(saved["optimizer"])
+        if not state["done"]:
+            log.info("resuming at svd_unet step %d", state["step"])
     if not state["done"]:
         model.train()
         generator = torch.Generator()
@@ -450,9 +452,10 @@ def main(argv=None) -> None:
     import_comfyui()
     budget = Budget(args.stop_after)
     try:
-        vae, _ = train_vae(args, budget)
-        if args.phase in ("all", "svd-unet"):
-            train_unet(args, budget, wrap_vae(vae))
+        with host_training():
+            vae, _ = train_vae(args, budget)
+            if args.phase in ("all", "svd-unet"):
+                train_unet(args, budget, wrap_vae(vae))
     except Stopped as stop:
         log.info("%s", stop)
         return

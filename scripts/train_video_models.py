@@ -31,6 +31,7 @@ generator, so a run is reproducible; checkpoints every 50 steps (artifacts/video
 stopped run go on.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -115,6 +116,21 @@ def save_fp16(state_dict: dict, path: Path) -> Path:
 
 def autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def host_training():
+    """ComfyUI 0.33 runs fused kernels without autograd formulas (comfy_kitchen's RoPE) unless its
+    model_management.in_training is set, as its own training nodes do; 0.3.75 has no such switch."""
+    import comfy.model_management
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    before, comfy.model_management.in_training = comfy.model_management.in_training, True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before
 
 
 def load_checkpoint(path: Path, fresh: bool):
@@ -341,7 +357,7 @@ def new_wan_dit():
     model_config = comfy.supported_models.WAN21_T2V(dict(DIT_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    net = torch_default_init_(model.diffusion_model)
+    net = torch_default_init_(model.diffusion_model).requires_grad_(True)  # ComfyUI 0.33 builds it frozen
     for name, module in net.named_modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.xavier_uniform_(module.weight)
@@ -714,10 +730,11 @@ def main(argv=None) -> None:
     import_comfyui()
     budget = Budget(args.stop_after)
     try:
-        if args.phase in ("all", "wan-vae"):
-            train_wan_vae(args, budget)
-        if args.phase in ("all", "wan-dit"):
-            train_wan_dit(args, budget)
+        with host_training():
+            if args.phase in ("all", "wan-vae"):
+                train_wan_vae(args, budget)
+            if args.phase in ("all", "wan-dit"):
+                train_wan_dit(args, budget)
     except Stopped as stop:
         log.info("%s", stop)
         return

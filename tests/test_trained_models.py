@@ -76,6 +76,25 @@ def test_the_training_script_stops_resumes_and_writes_files_comfyuis_loaders_det
     assert vae.latent_channels == 16 and type(vae.first_stage_model).__name__ == "WanVAE"
 
 
+def test_the_svd_training_script_stops_resumes_and_writes_a_file_the_fixture_loader_builds(tmp_path):
+    import subprocess
+    import sys
+
+    from devkit.fixture_nodes import load_small_svd_checkpoint
+
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train_svd_sprites.py"), "svd-unet", "--quick",
+               "--checkpoint-dir", str(tmp_path / "checkpoints"), "--models-dir", str(tmp_path / "models"),
+               "--results-dir", str(tmp_path / "results")]
+    stopped = subprocess.run([*command, "--stop-after", "3"], capture_output=True, text=True, timeout=300, check=True)
+    assert "stopped after the requested steps, at svd_unet step 1" in stopped.stderr  # 2 VAE steps, 1 UNet step
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert "resuming at svd_unet step 1" in resumed.stderr
+    model, vae = load_small_svd_checkpoint(str(tmp_path / "models" / SVD_FILE))
+    assert type(model.model).__name__ == "SVD_img2vid"  # ComfyUI's UNetModel with SVD's temporal layers:
+    assert any(".time_stack." in key for key in model.model.diffusion_model.state_dict())
+    assert vae.latent_channels == 4 and vae.encode(torch.rand(2, 64, 64, 3)).shape == (2, 4, 8, 8)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a - b).pow(2).mean().clamp_min(1e-10)))
 
