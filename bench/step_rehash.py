@@ -193,7 +193,7 @@ def svd_jobs() -> tuple:
     def decode(latents):
         return torch.stack([vae.decode(latent).permute(0, 3, 1, 2).clamp(0, 1).float() for latent in latents])
     seeds = list(PROMPT_HELD_OUT_SEEDS[:12])
-    settings = dict(model="SVD image-to-video sprite model trained here", steps=steps, **SVD_SAMPLING)
+    settings = dict(model="SVD image-to-video sprite model trained here", **SVD_SAMPLING)
     return (VideoLinearCFGGuidance().patch(model, SVD_SAMPLING["min_cfg"])[0], decode,
             [(f"held-out clip {seed}", prompt_of(seed), job(seed)) for seed in seeds], settings)
 

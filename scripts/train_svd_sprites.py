@@ -53,7 +53,7 @@ from train_video_models import (CHECKPOINT_EVERY, Budget, Stopped, autocast, hos
 log = logging.getLogger("train_svd_sprites")
 HEIGHT = WIDTH = 64
 SEED_BASE = 500_000_000  # training clips: [SEED_BASE, PROMPT_HELD_OUT_SEEDS.start); the Wan models use lower ones
-PHASE_OFFSETS = {"svd_vae": 0, "latent_bank": 100_000_000, "svd_unet": 200_000_000}
+PHASE_OFFSETS = {"svd_vae": 0, "latent_bank": 100_000_000}
 EVAL_SIGMAS = (0.1, 0.5, 1.0, 2.0, 5.0, 20.0)
 P_MEAN, P_STD = 0.7, 1.6
 # a share of the samples log-uniform over the whole range the karras schedule samples (0.002 to 700)
@@ -226,11 +226,11 @@ def conditioning(vae, clip_vision, clips: torch.Tensor) -> tuple:
 def latent_bank(args, vae, clip_vision) -> dict:
     path = args.checkpoint_dir / "svd_latent_bank.pt"
     bank = load_checkpoint(path, args.fresh) or {"x0": [], "concat": [], "embeds": [], "seconds": 0.0, "clips": 0}
+    seeds = training_seeds("latent_bank", 0, args.bank_clips)
     while bank["clips"] < args.bank_clips:
         started = time.perf_counter()
         count = min(32, args.bank_clips - bank["clips"])
-        first = SEED_BASE + PHASE_OFFSETS["latent_bank"] + bank["clips"]
-        x0, concat, embeds = conditioning(vae, clip_vision, frames_of(range(first, first + count)))
+        x0, concat, embeds = conditioning(vae, clip_vision, frames_of(seeds[bank["clips"]:bank["clips"] + count]))
         bank["x0"].append(x0.unflatten(0, (count, SVD_FRAMES)))
         bank["concat"].append(concat)
         bank["embeds"].append(embeds)
