@@ -48,7 +48,8 @@ from devkit.sprite_videos import PROMPT_HELD_OUT_SEEDS, prompt_batch  # noqa: E4
 from devkit.sprite_workflows import SVD_FILE, SVD_FRAMES, SVD_SAMPLING, SVD_SD_VAE, SVD_UNET  # noqa: E402
 from devkit.video_metrics import background_differences, motion_measures  # noqa: E402
 from train_video_models import (CHECKPOINT_EVERY, Budget, Stopped, autocast, host_training,  # noqa: E402
-                                learning_rate, load_checkpoint, psnr, save_checkpoint, save_strip, summary, torch_default_init_)
+                                learning_rate, load_checkpoint, psnr, save_checkpoint, save_strip, summary,
+                                torch_default_init_, train_with_ema)
 
 log = logging.getLogger("train_svd_sprites")
 HEIGHT = WIDTH = 64
@@ -263,60 +264,20 @@ def train_unet(args, budget: Budget, vae):
     bank = latent_bank(args, vae, tiny_clip_vision())
     x0_all, concat_all, embeds_all = torch.cat(bank["x0"]), torch.cat(bank["concat"]), torch.cat(bank["embeds"])
     model = new_unet()
-    net = model.diffusion_model
-    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    state = {"step": 0, "seconds": 0.0, "losses": [], "step_seconds": [], "done": False}
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.unet_lr, weight_decay=0.01)
-    saved = load_checkpoint(args.checkpoint_dir / "svd_unet.pt", args.fresh)
-    if saved is not None:
-        net.load_state_dict(saved["model"])
-        ema, state = saved["ema"], saved["state"]
-        optimizer.load_state_dict(saved["optimizer"])
-        if not state["done"]:
-            log.info("resuming at svd_unet step %d", state["step"])
-    if not state["done"]:
-        model.train()
-        generator = torch.Generator()
-        for step in range(state["step"], args.unet_steps):
-            budget.take("svd_unet", step)
-            generator.manual_seed(args.seed * 7919 + 1_000_003 + step)
-            started = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args.unet_steps, args.unet_lr)
-            index = torch.randint(0, len(x0_all), (args.unet_batch,), generator=generator)
-            keep = (torch.rand(args.unet_batch, generator=generator) >= args.uncond).float()
-            concat = concat_all[index] * keep.view(-1, 1, 1, 1)
-            embeds = embeds_all[index] * keep.view(-1, 1)
-            noise = torch.randn(x0_all[index].shape, generator=generator)
-            log_sigma = P_MEAN + P_STD * torch.randn(args.unet_batch, generator=generator)
-            spread = torch.rand(args.unet_batch, generator=generator) < LOG_UNIFORM_SHARE
-            log_sigma = torch.where(spread, torch.empty_like(log_sigma).uniform_(*LOG_SIGMA_RANGE, generator=generator),
-                                    log_sigma)
-            sigma = log_sigma.exp()
-            with autocast():
-                loss = edm_loss(model, x0_all[index], noise, sigma, concat, embeds).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, v in net.state_dict().items():
-                    ema[k].lerp_(v, 1 - decay)
-            state["step_seconds"].append(time.perf_counter() - started)
-            state["seconds"] += state["step_seconds"][-1]
-            state["losses"].append(loss.item())
-            state["step"] = step + 1
-            if state["step"] % 10 == 0:
-                log.info("svd_unet step %d/%d: loss %.4f, %.2f s/step, %.0f s in all", state["step"], args.unet_steps,
-                         statistics.mean(state["losses"][-10:]), statistics.mean(state["step_seconds"][-10:]),
-                         state["seconds"])
-            if state["step"] % CHECKPOINT_EVERY == 0 or budget.left == 0:
-                save_checkpoint(args.checkpoint_dir / "svd_unet.pt", {"model": net.state_dict(), "ema": ema,
-                                                                       "optimizer": optimizer.state_dict(), "state": state})
-        state["done"] = True
-        save_checkpoint(args.checkpoint_dir / "svd_unet.pt", {"model": net.state_dict(), "ema": ema,
-                                                               "optimizer": optimizer.state_dict(), "state": state})
+
+    def batch_loss(generator):
+        index = torch.randint(0, len(x0_all), (args.unet_batch,), generator=generator)
+        keep = (torch.rand(args.unet_batch, generator=generator) >= args.uncond).float()
+        concat = concat_all[index] * keep.view(-1, 1, 1, 1)
+        embeds = embeds_all[index] * keep.view(-1, 1)
+        noise = torch.randn(x0_all[index].shape, generator=generator)
+        log_sigma = P_MEAN + P_STD * torch.randn(args.unet_batch, generator=generator)
+        spread = torch.rand(args.unet_batch, generator=generator) < LOG_UNIFORM_SHARE
+        log_sigma = torch.where(spread, torch.empty_like(log_sigma).uniform_(*LOG_SIGMA_RANGE, generator=generator),
+                                log_sigma)
+        return edm_loss(model, x0_all[index], noise, log_sigma.exp(), concat, embeds).mean()
+    ema, state = train_with_ema("svd_unet", model, batch_loss, args.unet_steps, args.unet_lr, args, budget,
+                                seed_base=args.seed * 7919 + 1_000_003)
     save_checkpoint_file(ema, vae.first_stage_model.state_dict(), args.models_dir / SVD_FILE)
     log.info("svd_unet: %d steps in %.0f s (+ %.0f s encoding); wrote %s", state["step"], state["seconds"],
              bank["seconds"], args.models_dir / SVD_FILE)

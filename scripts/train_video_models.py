@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from devkit.comfy_env import comfyui_version, import_comfyui  # noqa: E402
 from devkit.sprite_workflows import (CFG, DIT_FILE, FRAMES, HEIGHT, SAMPLER, SHIFT, STEPS, TEXT_TOKENS,  # noqa: E402
                                       TEXT_WIDTH, VAE_FILE, WIDTH)
-from devkit.sprite_videos import PROMPT_HELD_OUT_SEEDS, PROMPTS, parse_prompt, prompt_batch, prompt_of  # noqa: E402
+from devkit.sprite_videos import PROMPT_HELD_OUT_SEEDS, PROMPTS, parse_prompt, prompt_batch  # noqa: E402
 from devkit.video_metrics import motion_measures  # noqa: E402
 
 log = logging.getLogger("train_video_models")
@@ -439,60 +439,74 @@ def train_wan_dit(args, budget: Budget):
     labels = torch.tensor([prompt_index[p] for p in bank["prompts"]])
     table = torch.cat([embeddings[p] for p in PROMPTS] + [embeddings[""]])  # (13, tokens, width); 12 is ""
     model = new_wan_dit()
+
+    def batch_loss(generator):
+        index = torch.randint(0, len(labels), (args.dit_batch,), generator=generator)
+        x0 = latents[index]
+        text = torch.where(torch.rand(args.dit_batch, generator=generator) < args.uncond, len(PROMPTS), labels[index])
+        noise = torch.randn(x0.shape, generator=generator)
+        u = torch.rand(args.dit_batch, generator=generator) * 0.999 + 0.001
+        sigma = comfy.model_sampling.time_snr_shift(SHIFT, u)
+        return velocity_loss(model, x0, noise, sigma, table[text]).mean()
+    ema, state = train_with_ema("wan_dit", model, batch_loss, args.dit_steps, args.dit_lr, args, budget,
+                                seed_base=args.seed * 7919 + 1_000_003 * PHASE_IDS["wan_dit"])
+    save_fp16(ema, args.models_dir / DIT_FILE)
+    log.info("wan_dit: %d steps in %.0f s (+ %.0f s encoding %d clips); wrote %s", state["step"], state["seconds"],
+             bank["seconds"], len(labels), args.models_dir / DIT_FILE)
+    return state, bank["seconds"]
+
+
+def train_with_ema(name: str, model, batch_loss, steps: int, lr: float, args, budget: Budget, seed_base: int) -> tuple:
+    """AdamW on model.diffusion_model with an EMA of its weights (what ships), warm-up + cosine learning
+    rate, gradients clipped at 1; step i draws its batch (`batch_loss(generator)` -> loss) from a generator
+    seeded with seed_base + i. Checkpoints (artifacts/.../<name>.pt) every CHECKPOINT_EVERY steps, resumes
+    from the last one; returns (EMA state dict, state)."""
     net = model.diffusion_model
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     state = {"step": 0, "seconds": 0.0, "losses": [], "step_seconds": [], "done": False}
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.dit_lr, weight_decay=0.01)
-    saved = load_checkpoint(args.checkpoint_dir / "wan_dit.pt", args.fresh)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    path = args.checkpoint_dir / f"{name}.pt"
+    saved = load_checkpoint(path, args.fresh)
     if saved is not None:
         net.load_state_dict(saved["model"])
         ema, state = saved["ema"], saved["state"]
         optimizer.load_state_dict(saved["optimizer"])
         if not state["done"]:
-            log.info("resuming at wan_dit step %d", state["step"])
-    if not state["done"]:
-        model.train()
-        generator = torch.Generator()
-        for step in range(state["step"], args.dit_steps):
-            budget.take("wan_dit", step)
-            generator.manual_seed(args.seed * 7919 + 1_000_003 * PHASE_IDS["wan_dit"] + step)
-            started = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args.dit_steps, args.dit_lr)
-            index = torch.randint(0, len(labels), (args.dit_batch,), generator=generator)
-            x0 = latents[index]
-            text = torch.where(torch.rand(args.dit_batch, generator=generator) < args.uncond, len(PROMPTS), labels[index])
-            noise = torch.randn(x0.shape, generator=generator)
-            u = torch.rand(args.dit_batch, generator=generator) * 0.999 + 0.001
-            sigma = comfy.model_sampling.time_snr_shift(SHIFT, u)
-            with autocast():
-                loss = velocity_loss(model, x0, noise, sigma, table[text]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, v in net.state_dict().items():
-                    ema[k].lerp_(v, 1 - decay)
-            state["step_seconds"].append(time.perf_counter() - started)
-            state["seconds"] += state["step_seconds"][-1]
-            state["losses"].append(loss.item())
-            state["step"] = step + 1
-            if state["step"] % 10 == 0 or state["step"] == args.dit_steps:
-                log.info("wan_dit step %d/%d: loss %.4f, %.2f s/step, %.0f s in all", state["step"], args.dit_steps,
-                         statistics.mean(state["losses"][-10:]), statistics.mean(state["step_seconds"][-10:]),
-                         state["seconds"])
-            if state["step"] % CHECKPOINT_EVERY == 0 or state["step"] == args.dit_steps or budget.left == 0:
-                save_checkpoint(args.checkpoint_dir / "wan_dit.pt", {"model": net.state_dict(), "ema": ema,
-                                                                      "optimizer": optimizer.state_dict(), "state": state})
-        state["done"] = True
-        save_checkpoint(args.checkpoint_dir / "wan_dit.pt", {"model": net.state_dict(), "ema": ema,
-                                                              "optimizer": optimizer.state_dict(), "state": state})
-    save_fp16(ema, args.models_dir / DIT_FILE)
-    log.info("wan_dit: %d steps in %.0f s (+ %.0f s encoding %d clips); wrote %s", state["step"], state["seconds"],
-             bank["seconds"], len(labels), args.models_dir / DIT_FILE)
-    return state, bank["seconds"]
+            log.info("resuming at %s step %d", name, state["step"])
+    if state["done"]:
+        return ema, state
+    model.train()
+    generator = torch.Generator()
+    for step in range(state["step"], steps):
+        budget.take(name, step)
+        generator.manual_seed(seed_base + step)
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
+        with autocast():
+            loss = batch_loss(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                ema[k].lerp_(v, 1 - decay)
+        state["step_seconds"].append(time.perf_counter() - started)
+        state["seconds"] += state["step_seconds"][-1]
+        state["losses"].append(loss.item())
+        state["step"] = step + 1
+        if state["step"] % 10 == 0 or state["step"] == steps:
+            log.info("%s step %d/%d: loss %.4f, %.2f s/step, %.0f s in all", name, state["step"], steps,
+                     statistics.mean(state["losses"][-10:]), statistics.mean(state["step_seconds"][-10:]),
+                     state["seconds"])
+        if state["step"] % CHECKPOINT_EVERY == 0 or budget.left == 0:
+            save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
+                                   "state": state})
+    state["done"] = True
+    save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(), "state": state})
+    return ema, state
 
 
 # --- 3. evaluation through ComfyUI's loaders and sampler -----------------------------------------------
