@@ -49,7 +49,7 @@ from devkit.sprite_workflows import SVD_FILE, SVD_FRAMES, SVD_SAMPLING, SVD_SD_V
 from devkit.video_metrics import background_differences, motion_measures  # noqa: E402
 from train_video_models import (CHECKPOINT_EVERY, Budget, Stopped, autocast, host_training,  # noqa: E402
                                 learning_rate, load_checkpoint, psnr, save_checkpoint, save_strip, summary,
-                                torch_default_init_, train_with_ema)
+                                kl_autoencoder_loss, optimise, torch_default_init_, train_with_ema)
 
 log = logging.getLogger("train_svd_sprites")
 HEIGHT = WIDTH = 64
@@ -139,17 +139,8 @@ def train_vae(args, budget: Budget):
         rows = torch.arange(len(clips))[:, None].expand_as(pick)
         images, weights = clips[rows, pick].flatten(0, 1) * 2 - 1, 1 + 9 * sprite[rows, pick].flatten(0, 1)[:, None].float()
         with autocast():
-            mu, log_var = moments(vae, images)
-            mu, log_var = mu.float(), log_var.float()
-            z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=generator)
-            decoded = vae.decode(z).float()
-        recon = ((decoded - images).pow(2) * weights).mean() / weights.mean()
-        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
-        loss = recon + args.vae_kl * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+            loss, _, _ = kl_autoencoder_loss(moments(vae, images), vae.decode, images, weights, generator, args.vae_kl)
+        optimise(optimizer, vae, loss)
         state["step_seconds"].append(time.perf_counter() - started)
         state["seconds"] += state["step_seconds"][-1]
         state["losses"].append(loss.item())

@@ -114,6 +114,24 @@ def save_fp16(state_dict: dict, path: Path) -> Path:
     return path
 
 
+def kl_autoencoder_loss(moments: tuple, decode, target: torch.Tensor, weights: torch.Tensor,
+                        generator: torch.Generator, kl_weight: float) -> tuple:
+    """(loss, weighted reconstruction MSE, KL to N(0, 1)) of a KL autoencoder on a batch, decoding a
+    sample of the posterior (mu, log variance) the encoder gave."""
+    mu, log_var = (m.float() for m in moments)
+    z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=generator)
+    recon = ((decode(z).float() - target).pow(2) * weights).mean() / weights.mean()
+    kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
+    return recon + kl_weight * kl, recon, kl
+
+
+def optimise(optimizer, module: torch.nn.Module, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    optimizer.step()
+
+
 def autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -278,17 +296,9 @@ def train_wan_vae(args, budget: Budget) -> torch.nn.Module:
             clips, weights = crop_around_sprites(clips, weights, args.vae_crop, generator)
         clips = clips.contiguous(memory_format=torch.channels_last_3d)
         with autocast():
-            mu, log_var = encode_moments(vae, clips)
-            mu, log_var = mu.float(), log_var.float()
-            z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=generator)
-            decoded = vae.decode(z).float()
-        recon = ((decoded - clips).pow(2) * weights).mean() / weights.mean()
-        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
-        loss = recon + args.vae_kl * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+            loss, recon, kl = kl_autoencoder_loss(encode_moments(vae, clips), vae.decode, clips, weights, generator,
+                                                  args.vae_kl)
+        optimise(optimizer, vae, loss)
         state["step_seconds"].append(time.perf_counter() - started)
         state["seconds"] += state["step_seconds"][-1]
         state["losses"].append(loss.item())
@@ -485,10 +495,7 @@ def train_with_ema(name: str, model, batch_loss, steps: int, lr: float, args, bu
             group["lr"] = learning_rate(step, steps, lr)
         with autocast():
             loss = batch_loss(generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
+        optimise(optimizer, net, loss)
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in net.state_dict().items():
