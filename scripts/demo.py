@@ -74,8 +74,9 @@ def sprite_videos(server: ComfyServer) -> int:
                 log.error("sprite video %s (%s) failed: %s", name, label, result.error)
                 continue
             measures = motion_measures(saved_frames(result, server.output_dir), [text])
-            log.info("sprite video %s (%s), %r: direction %s, sprite kept in %.0f %% of frames, centre smoothness "
-                     "%.2f px -> %s", name, label, text, "right" if measures["direction_accuracy"] else "wrong",
+            log.info("sprite video %s (%s), %r: moves %s, sprite kept in %.0f %% of frames, centre smoothness "
+                     "%.2f px -> %s", name, label, text,
+                     "the prompt's way" if measures["direction_accuracy"] else "the wrong way",
                      100 * measures["survival"], measures["smoothness_px"],
                      [p for p in result.files(server.output_dir) if p.suffix == ".webp"][0])
     return failures
