@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ..kv_carry import KV_CARRY
-from ..patching import patches_applied
 from .settings import SliceSettings
 from .slices import chunk_slices, run_stage
 from ..host import host_function
@@ -135,44 +134,14 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
         else:
             x = run_stage([self_attention], x, 1, chunks, settings.group_ops, out=out)
         k = v = None  # the keys and values are freed before the FFN stage
-        with patches_applied(block.cross_attn, context_projections_once(block.cross_attn)):
-            if patches.get("attn2_patch"):  # the whole stream between cross-attention and FFN, as stock
-                x = run_stage([cross_attention], x, 1, chunks, settings.group_ops, out=x)
-                for patch in patches["attn2_patch"]:
-                    x = patch({"x": x, "transformer_options": transformer_options})
-                # a new output, as stock's: a patch may keep the tensor it returned
-                return run_stage([feed_forward], x, 1, chunks, settings.group_ops)
-            return run_stage([cross_attention, feed_forward], x, 1, chunks, settings.group_ops, out=x)
+        if patches.get("attn2_patch"):  # the whole stream between cross-attention and FFN, as stock
+            x = run_stage([cross_attention], x, 1, chunks, settings.group_ops, out=x)
+            for patch in patches["attn2_patch"]:
+                x = patch({"x": x, "transformer_options": transformer_options})
+            # a new output, as stock's: a patch may keep the tensor it returned
+            return run_stage([feed_forward], x, 1, chunks, settings.group_ops)
+        return run_stage([cross_attention, feed_forward], x, 1, chunks, settings.group_ops, out=x)
     return forward
-
-
-CONTEXT_PROJECTIONS = ("k", "v", "norm_k", "k_img", "v_img", "norm_k_img")
-
-
-def context_projections_once(cross_attention: nn.Module) -> dict:
-    """Patches (for core.patching) under which the host's own cross-attention, called once per token
-    chunk, projects the text (and CLIP image) tokens' keys and values once: each key/value layer
-    given the tensor it was last given (same storage, offset, shape, strides and version; the tensor
-    is held, so its memory cannot be reused meanwhile) returns its last output. The same layer on the
-    same input gives the same result, so the output is unchanged."""
-    return {f"{name}.forward": _last_result_kept(getattr(cross_attention, name))
-            for name in CONTEXT_PROJECTIONS if isinstance(getattr(cross_attention, name, None), nn.Module)}
-
-
-def _last_result_kept(layer: nn.Module) -> Callable:
-    forward = layer.forward
-    kept = []
-
-    def call(x, *args, **kwargs):
-        # (inference tensors keep no version counter; nothing writes to them under inference mode)
-        key = (x.data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype, x.device,
-               None if x.is_inference() else x._version)
-        if kept and kept[0][1] == key and not args and not kwargs:
-            return kept[0][2]
-        out = forward(x, *args, **kwargs)
-        kept[:] = [(x, key, out)]
-        return out
-    return call
 
 
 def project_keys_values(attention: nn.Module, inputs: Callable, slices: list, rope_at: Callable, carry,
