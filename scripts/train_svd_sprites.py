@@ -92,9 +92,9 @@ def new_vae() -> torch.nn.Module:
     import_comfyui()
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
-    ddconfig = {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
-                "dropout": 0.0, **SVD_SD_VAE}
-    vae = torch_default_init_(AutoencoderKL(ddconfig=ddconfig, embed_dim=SVD_SD_VAE["z_channels"]).float())
+    from devkit.fixture_nodes import small_sd_vae_ddconfig
+    vae = torch_default_init_(AutoencoderKL(ddconfig=small_sd_vae_ddconfig(SVD_SD_VAE),
+                                            embed_dim=SVD_SD_VAE["z_channels"]).float())
     with torch.no_grad():
         for module in vae.modules():
             if isinstance(module, torch.nn.Conv2d):
@@ -402,12 +402,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     import_comfyui()
+    from devkit.fixture_nodes import small_sd_vae
     budget = Budget(args.stop_after)
     try:
         with host_training():
             vae, _ = train_vae(args, budget)
             if args.phase in ("all", "svd-unet"):
-                train_unet(args, budget, wrap_vae(vae))
+                train_unet(args, budget, small_sd_vae(vae.state_dict(), SVD_SD_VAE))
     except Stopped as stop:
         log.info("%s", stop)
         return
@@ -417,17 +418,6 @@ def main(argv=None) -> None:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / "trained_svd_sprites.json").write_text(json.dumps(results, indent=1) + "\n")
         log.info("wrote %s", args.results_dir / "trained_svd_sprites.json")
-
-
-def wrap_vae(first_stage_model):
-    """The trained autoencoder as ComfyUI's VAE object (what VAE Encode / Decode call)."""
-    import comfy.sd
-    ddconfig = {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
-                "dropout": 0.0, **SVD_SD_VAE}
-    vae = comfy.sd.VAE(sd=first_stage_model.state_dict(), config={"params": {"ddconfig": ddconfig,
-                                                                             "embed_dim": SVD_SD_VAE["z_channels"]}})
-    vae.first_stage_model.load_state_dict(first_stage_model.state_dict())
-    return vae
 
 
 if __name__ == "__main__":

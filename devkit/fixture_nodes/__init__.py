@@ -130,6 +130,23 @@ def small_svd_unet_config(small: dict) -> dict:
             "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "disable_temporal_crossattention": False, **small}
 
 
+def small_sd_vae_ddconfig(small: dict) -> dict:
+    """An SD-style KL autoencoder's ddconfig (what ComfyUI builds for SD VAEs) with the small sizes."""
+    return {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
+            "dropout": 0.0, **small}
+
+
+def small_sd_vae(state_dict: dict, small: dict):
+    """ComfyUI's VAE object around an AutoencoderKL of the small config, weights loaded strictly."""
+    import comfy.sd
+    vae = comfy.sd.VAE(sd=state_dict, config={"params": {"ddconfig": small_sd_vae_ddconfig(small),
+                                                         "embed_dim": small["z_channels"]}})
+    missing, unexpected = vae.first_stage_model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"not a small SVD checkpoint: VAE weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return vae
+
+
 def load_small_svd_checkpoint(path: str) -> tuple:
     """(MODEL, VAE) from a file written by scripts/train_svd_sprites.py: ComfyUI's SVD_img2vid model
     (VideoUNet) and an SD-style AutoencoderKL, built from the small configs in the file's header (JSON)
@@ -137,7 +154,6 @@ def load_small_svd_checkpoint(path: str) -> tuple:
     import comfy.latent_formats
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.sd
     import comfy.supported_models
     import comfy.utils
     from safetensors import safe_open
@@ -145,8 +161,6 @@ def load_small_svd_checkpoint(path: str) -> tuple:
     with safe_open(path, "pt") as f:
         metadata = f.metadata() or {}
     unet_config = small_svd_unet_config(_config_from_metadata(metadata, "streamline_svd_unet", SMALL_SVD_UNET_KEYS))
-    ddconfig = {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
-                "dropout": 0.0, **_config_from_metadata(metadata, "streamline_sd_vae", SMALL_SVD_VAE_KEYS)}
     state_dict = comfy.utils.load_torch_file(path)
     model_config = comfy.supported_models.SVD_img2vid(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
@@ -157,11 +171,8 @@ def load_small_svd_checkpoint(path: str) -> tuple:
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     vae_weights = {k[len("first_stage_model."):]: v for k, v in state_dict.items() if k.startswith("first_stage_model.")}
-    vae = comfy.sd.VAE(sd=vae_weights, config={"params": {"ddconfig": ddconfig, "embed_dim": ddconfig["z_channels"]}})
-    missing, unexpected = vae.first_stage_model.load_state_dict(vae_weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"not a small SVD checkpoint: VAE weights missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return patcher, vae
+    vae_config = _config_from_metadata(metadata, "streamline_sd_vae", SMALL_SVD_VAE_KEYS)
+    return patcher, small_sd_vae(vae_weights, vae_config)
 
 
 class SmallSVDCheckpoint:
