@@ -16,9 +16,10 @@ prompt in blocks of 5 latent frames, each block as long as a training clip. Chan
 decoded video (mean |x[t+1] - x[t]| per frame pair; the border before latent frame b lies between video
 frames 4b-4 and 4b-3), and so is how far the sprite's centre moves over 4 frames across a border
 (frame 4b-4 to 4b, the border's latent frame) and over 4 frames inside blocks (~10 px for a steady
-sprite; one that starts over at a border jumps ~30 px there), with the motion
-measures (devkit/video_metrics) of the first 17 frames, where the sprite is still in the picture. Writes bench/results/dualparal_borders_trained.json and a PNG strip of
-the frames around the first border (one piece above, block-wise below).
+sprite; one that starts over at a border jumps ~30 px there), with the motion measures
+(devkit/video_metrics) of the first 17 frames, where the sprite is still in the picture. Writes
+bench/results/dualparal_borders_trained.json and a PNG strip of every second frame up to two blocks
+past the first border, three rows per prompt (stock in one piece, cache 0, cache 2).
 
     .venv/bin/python bench/dualparal_borders.py [fixture] [trained]"""
 import sys

@@ -81,5 +81,6 @@ def sprite_videos(server: ComfyServer) -> int:
                      [p for p in result.files(server.output_dir) if p.suffix == ".webp"][0])
     return failures
 
+
 if __name__ == "__main__":
     sys.exit(main())
