@@ -180,3 +180,20 @@ def test_sliced_wan22_ti2v_samples_the_stock_latent_with_a_kept_first_frame(pack
     stock = sample_with_mask(model)
     sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, model, 3, 0))
     assert relative_difference(sample_with_mask(sliced), stock) <= SAMPLING_TOLERANCE
+
+
+def test_sliced_wan_adds_no_flops_text_keys_and_values_are_projected_once_per_block(pack, wan_model):
+    """With 7 token chunks the host's cross-attention runs once per chunk, but the text tokens' keys and
+    values are projected once per block: the sliced forward counts the stock forward's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
+
+    sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 7, 0))
+    flops = {}
+    for label, model in (("stock", wan_model), ("sliced", sliced)):
+        wan_forward(model, 5, 6, 10)  # the first sliced call also runs the self-check's stock probe
+        with FlopCounterMode(display=False) as counter:
+            wan_forward(model, 5, 6, 10)
+        flops[label] = counter.get_total_flops()
+    assert flops["sliced"] == flops["stock"], flops

@@ -2,19 +2,20 @@
 import torch
 from torch import nn
 
+from ..host import host_function
+from .fetched_weights import fetches_weights
 
-def cast_affine(norm: nn.Module, name: str, like: torch.Tensor):
-    """A norm's weight or bias (fp32) as the host's own forward sees it: cast to the input's device
-    and dtype, then host weight patches applied (ComfyUI keeps weights offloaded in low-VRAM mode and
-    lists patches in `<name>_function`; they patch in place, so they get a copy)."""
-    value = getattr(norm, name, None)
-    if value is None:
-        return None
-    functions = getattr(norm, f"{name}_function", ())
-    value = value.to(device=like.device, dtype=like.dtype, copy=bool(functions))
-    for patch in functions:
-        value = patch(value)
-    return value.float()
+
+def cast_affine(norm: nn.Module, like: torch.Tensor) -> tuple:
+    """A norm's weight and bias (fp32) as the host's own forward sees them: ComfyUI's layers that
+    cast (kept offloaded in low-VRAM mode, or patched on the fly) fetch them through the host's
+    cast, others are moved to the input's device and dtype."""
+    if fetches_weights(norm):
+        weight, bias = host_function(norm, "cast_bias_weight")(norm, like)
+    else:
+        weight, bias = (None if value is None else value.to(device=like.device, dtype=like.dtype)
+                        for value in (norm.weight, norm.bias))
+    return tuple(None if value is None else value.float() for value in (weight, bias))
 
 
 class ExactGroupNorm:
@@ -32,6 +33,7 @@ class ExactGroupNorm:
         self.count = 0
         self.mean = None
         self.m2 = None
+        self.affine = {}  # (device, dtype) -> weight and bias, fetched once per use
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         return x.float().reshape(x.shape[0], self.groups, -1)
@@ -54,7 +56,10 @@ class ExactGroupNorm:
         y = (self._grouped(x) - self.mean[..., None]) * rstd[..., None]
         y = y.reshape(x.shape)
         affine_shape = (1, -1) + (1,) * (x.ndim - 2)
-        weight, bias = cast_affine(self.norm, "weight", x), cast_affine(self.norm, "bias", x)
+        key = (x.device, x.dtype)
+        if key not in self.affine:
+            self.affine[key] = cast_affine(self.norm, x)
+        weight, bias = self.affine[key]
         if weight is not None:
             y = y * weight.reshape(affine_shape)
         if bias is not None:

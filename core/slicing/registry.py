@@ -7,6 +7,7 @@ from torch import nn
 
 from .diffusers_svd import (spatio_temporal_resblock_forward, temporal_decoder_forward, time_conv_forward,
                             transformer_spatio_temporal_forward)
+from .fetched_weights import fetching_once
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .svd_unet import spatial_video_transformer_forward, unet_patches, video_resblock_forward
@@ -35,7 +36,8 @@ class BlockRule:
 
 
 def _forward(make_forward):
-    return lambda module, settings: {"forward": make_forward(module, settings)}
+    """A block's sliced forward, with its layers' weights fetched once per call (not once per chunk)."""
+    return lambda module, settings: {"forward": fetching_once(module, make_forward(module, settings))}
 
 
 def _frame_local_children(*names):
@@ -129,7 +131,8 @@ FAMILIES = (
                         "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim"),
         pipeline_classes=("comfy.ldm.wan.model.WanModel",),
         rules=(  # subclasses (VACE, audio) change the forward's signature: only the plain block
-            BlockRule(lambda m: type(m).__name__ == "WanAttentionBlock", _forward(wan_block_forward)),
+            BlockRule(lambda m: type(m).__name__ == "WanAttentionBlock",  # fetches its weights stage by stage
+                      lambda module, settings: {"forward": wan_block_forward(module, settings)}),
         ),
     ),
     Family(

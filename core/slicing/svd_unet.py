@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .fetched_weights import fetching_once
 from .frame_local import frame_local_forward
 from .settings import SliceSettings
 from .slices import chunk_slices, map_slices, run_stage, slice_batch_aligned, take
@@ -45,9 +46,10 @@ def unet_patches(unet: nn.Module, settings: SliceSettings) -> dict:
         finally:
             handoff.clear()
 
-    patches = {"forward": forward, "out.forward": frame_local_forward(unet.out, settings)}
+    patches = {"forward": forward, "out.forward": fetching_once(unet.out, frame_local_forward(unet.out, settings))}
     for i in receivers:
-        patches[f"output_blocks.{i}.0.forward"] = video_resblock_forward(unet.output_blocks[i][0], settings, handoff)
+        receiver = unet.output_blocks[i][0]
+        patches[f"output_blocks.{i}.0.forward"] = fetching_once(receiver, video_resblock_forward(receiver, settings, handoff))
     return patches
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 from einops import rearrange
 from torch import nn
 
+from .fetched_weights import weights_fetched_once
 from .settings import SliceSettings
 from .frame_list import FrameList, run_video_block
 from .slices import chunk_slices, map_slices, slice_batch_aligned, take
@@ -77,6 +78,10 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
     frame_conv = parent_forward(decoder.conv_out, "AE3DConv")
 
     def run_module(module, h: FrameList, prelude=None, **kwargs):
+        with weights_fetched_once(module), weights_fetched_once(prelude.__self__ if prelude else nn.Module()):
+            run_module_fetched(module, h, prelude, **kwargs)
+
+    def run_module_fetched(module, h: FrameList, prelude=None, **kwargs):
         if derives_from(module, "VideoResBlock") and hasattr(module, "time_stack"):
             spatial = parent_forward(module, "VideoResBlock")
             temporal = None if kwargs.get("skip_video") else TemporalResBlockStrips.of_comfy(module.time_stack, None)
@@ -108,12 +113,14 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
             if level != 0:
                 pending_upsample = type(up.upsample).forward.__get__(up.upsample)
         if pending_upsample is not None:
-            h.map_frames(lambda xs, s: pending_upsample(xs), settings.frames(len(h.frames)))
+            with weights_fetched_once(pending_upsample.__self__):
+                h.map_frames(lambda xs, s: pending_upsample(xs), settings.frames(len(h.frames)))
         if getattr(decoder, "give_pre_end", False):  # gone in ComfyUI 0.33 (its Decoder always runs the head)
             return h.stack()
-        h.map_frames(lambda xs, s: frame_conv(nonlinearity(decoder.norm_out(xs))), settings.frames(len(h.frames)))
-        if not skip_video:
-            h.map_strips(decoder.conv_out.time_mix_conv, settings.strips(h.frames[0].shape[-1]))
+        with weights_fetched_once(decoder, ("norm_out", "conv_out")):
+            h.map_frames(lambda xs, s: frame_conv(nonlinearity(decoder.norm_out(xs))), settings.frames(len(h.frames)))
+            if not skip_video:
+                h.map_strips(decoder.conv_out.time_mix_conv, settings.strips(h.frames[0].shape[-1]))
         out = h.stack()
         return out.tanh() if decoder.tanh_out else out
     return forward

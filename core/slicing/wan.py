@@ -5,9 +5,11 @@ RMSNorm of q/k, RoPE, projections, cross-attention queries, FFN), so it runs exa
 the token axis; self-attention is split along queries only, over the full keys and values.
 Keys and values are projected first, chunk by chunk, into two full buffers; queries are projected
 per chunk inside the attention stage. Grouped, each chunk runs a chain (queries, attention, output
-projection, residual), then, with keys and values freed, another (cross-attention, FFN). The
-block's output overwrites its input where nothing else can read the input afterwards, so the block
-holds three full buffers (input, keys, values) at its peak instead of stock's many.
+projection, residual), then, with keys and values freed, cross-attention (the text tokens' keys and
+values projected once per block, not once per chunk), then the FFN. The block's output overwrites
+its input where nothing else can read the input afterwards, so the block holds three full buffers
+(input, keys, values) at its peak instead of stock's many. Layers that fetch their weights on every
+call (offloaded, cast) fetch them once per stage (fetched_weights.py).
 
 ComfyUI 0.33's block hands two hooks whole tensors (transformer_options["patches"]): `attn1_patch`
 gets the self-attention output before its output projection with the roped queries and keys,
@@ -20,12 +22,15 @@ both, and so does the sliced block there; where the code cannot be read, a patch
 import functools
 import inspect
 import logging
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..kv_carry import KV_CARRY
+from ..patching import patches_applied
+from .fetched_weights import weights_fetched_once
 from .settings import SliceSettings
 from .slices import chunk_slices, run_stage
 from ..host import host_function
@@ -102,16 +107,32 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
 
         # (the stock block makes x contiguous first: an extra full copy, as the first block's input is
         # a transposed view; chunks of the view serve as well)
-        k, v = project_keys_values(attention, lambda s: modulated_norm(x[:, s], s), chunk_slices(tokens, chunks),
-                                   rope_at, transformer_options.get(KV_CARRY), x)
+        with weights_fetched_once(block, ("norm1", "self_attn")):
+            k, v = project_keys_values(attention, lambda s: modulated_norm(x[:, s], s), chunk_slices(tokens, chunks),
+                                       rope_at, transformer_options.get(KV_CARRY), x)
 
-        def attend(xs, s):  # roped queries of chunk s and their attention output (before the projection)
-            q = attention.norm_q(attention.q(modulated_norm(xs, s))).view(batch, -1, heads, head_dim)
-            q = apply_rope1(q, rope_at(s))
-            return q, optimized_attention(q.flatten(2), k, v, heads=heads, transformer_options=transformer_options)
+            def attend(xs, s):  # roped queries of chunk s and their attention output (before the projection)
+                q = attention.norm_q(attention.q(modulated_norm(xs, s))).view(batch, -1, heads, head_dim)
+                q = apply_rope1(q, rope_at(s))
+                return q, optimized_attention(q.flatten(2), k, v, heads=heads, transformer_options=transformer_options)
 
-        def self_attention(xs, s):
-            return torch.addcmul(xs, attention.o(attend(xs, s)[1]), at(2, s))
+            def self_attention(xs, s):
+                return torch.addcmul(xs, attention.o(attend(xs, s)[1]), at(2, s))
+
+            # Self-attention first over all chunks, so that keys and values are freed before the FFN's
+            # wide intermediates exist. A chunk of x is read only by its own chunk of the chain (keys and
+            # values are already projected) before that chunk of the output is written.
+            out_dtype = torch.promote_types(x.dtype, e[2].dtype)
+            out = x if may_overwrite_input(x, out_dtype, transformer_options) else None
+            if patches.get("attn1_patch"):
+                attended = patched_self_attention(x, attend, chunk_slices(tokens, chunks), k, heads, head_dim,
+                                                  patches["attn1_patch"], transformer_options)
+                x = run_stage([lambda xs, s: torch.addcmul(xs, attention.o(attended[:, s]), at(2, s))],
+                              x, 1, chunks, settings.group_ops, out=out)
+                del attended
+            else:
+                x = run_stage([self_attention], x, 1, chunks, settings.group_ops, out=out)
+            k = v = None  # the keys and values are freed before the FFN stage
 
         def cross_attention(xs, s):
             return xs + block.cross_attn(block.norm3(xs), context, context_img_len=context_img_len,
@@ -120,28 +141,78 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
         def feed_forward(xs, s):
             return torch.addcmul(xs, block.ffn(torch.addcmul(at(3, s), block.norm2(xs), 1 + at(4, s))), at(5, s))
 
-        # Self-attention first over all chunks, so that keys and values are freed before the FFN's
-        # wide intermediates exist. A chunk of x is read only by its own chunk of the chain (keys and
-        # values are already projected) before that chunk of the output is written.
-        out_dtype = torch.promote_types(x.dtype, e[2].dtype)
-        out = x if may_overwrite_input(x, out_dtype, transformer_options) else None
-        if patches.get("attn1_patch"):
-            attended = patched_self_attention(x, attend, chunk_slices(tokens, chunks), k, heads, head_dim,
-                                              patches["attn1_patch"], transformer_options)
-            x = run_stage([lambda xs, s: torch.addcmul(xs, attention.o(attended[:, s]), at(2, s))],
-                          x, 1, chunks, settings.group_ops, out=out)
-            del attended
-        else:
-            x = run_stage([self_attention], x, 1, chunks, settings.group_ops, out=out)
-        k = v = None  # the keys and values are freed before the FFN stage
-        if patches.get("attn2_patch"):  # the whole stream between cross-attention and FFN, as stock
+        # Cross-attention and the FFN are separate stages (each in place), so that the text keys and
+        # values, projected once, are freed before the FFN's wide intermediates exist.
+        with weights_fetched_once(block, ("norm3", "cross_attn")), \
+                patches_applied(block.cross_attn, context_projections_once(block.cross_attn)):
             x = run_stage([cross_attention], x, 1, chunks, settings.group_ops, out=x)
+        if patches.get("attn2_patch"):  # the whole stream between cross-attention and FFN, as stock
             for patch in patches["attn2_patch"]:
                 x = patch({"x": x, "transformer_options": transformer_options})
-            # a new output, as stock's: a patch may keep the tensor it returned
-            return run_stage([feed_forward], x, 1, chunks, settings.group_ops)
-        return run_stage([cross_attention, feed_forward], x, 1, chunks, settings.group_ops, out=x)
+            out = None  # a new output, as stock's: a patch may keep the tensor it returned
+        else:
+            out = x
+        with weights_fetched_once(block, ("norm2", "ffn")):
+            return run_stage([feed_forward], x, 1, chunks, settings.group_ops, out=out)
     return forward
+
+
+def context_projections_once(cross_attention: nn.Module) -> dict:
+    """Patches (for core.patching) under which the host's own cross-attention, called once per token
+    chunk, projects the text (and CLIP image) tokens' keys and values once: handed the tensor it was
+    last handed (the same view of the same base tensor, not written since), the value layer returns
+    its last output and the key layer its last normed output (which its norm then passes through),
+    so no more is held than the stock block holds. The same layers on the same input give the same
+    result."""
+    patches = {}
+    for suffix in ("", "_img"):
+        key, norm, value = (getattr(cross_attention, name + suffix, None) for name in ("k", "norm_k", "v"))
+        if all(isinstance(layer, nn.Module) for layer in (key, norm, value)):
+            key_forward, norm_forward = _normed_keys_kept(key, norm)
+            patches.update({f"k{suffix}.forward": key_forward, f"norm_k{suffix}.forward": norm_forward,
+                            f"v{suffix}.forward": _last_result_kept(value)})
+    return patches
+
+
+def _input_key(x: torch.Tensor) -> tuple:
+    base = x if x._base is None else x._base  # (held by the caller, so its id is not reused meanwhile)
+    # (inference tensors keep no version counter; nothing writes to them under inference mode)
+    return (id(base), x.storage_offset(), x.shape, x.stride(), x.dtype, x.device,
+            None if x.is_inference() else x._version)
+
+
+def _last_result_kept(layer: nn.Module) -> Callable:
+    forward = layer.forward
+    kept = {}
+
+    def call(x):
+        if kept.get("key") != _input_key(x):
+            kept.update(key=_input_key(x), input=x, out=forward(x))
+        return kept["out"]
+    return call
+
+
+def _normed_keys_kept(key_layer: nn.Module, norm_layer: nn.Module) -> tuple:
+    """The pair of forwards for `norm(key(context))` that keeps only the normed keys."""
+    key_forward, norm_forward = key_layer.forward, norm_layer.forward
+    kept = {}
+
+    def key(x):
+        if kept.get("key") == _input_key(x) and "normed" in kept:
+            return kept["normed"]
+        kept.clear()
+        raw = key_forward(x)
+        kept.update(key=_input_key(x), input=x, raw=weakref.ref(raw))
+        return raw
+
+    def norm(x):
+        if kept.get("normed") is x:
+            return x
+        normed = norm_forward(x)
+        if "raw" in kept and kept.pop("raw")() is x:
+            kept["normed"] = normed
+        return normed
+    return key, norm
 
 
 def project_keys_values(attention: nn.Module, inputs: Callable, slices: list, rope_at: Callable, carry,
