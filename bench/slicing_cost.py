@@ -6,12 +6,15 @@ Slicer + Operator Grouper at auto counts and at the finest level the Memory Plan
   low-VRAM loading leaves a layer that does not fit: `comfy_cast_weights` set). The first sliced call
   (it runs the self-check's probes) is left out. Wan's blocks are all alike, so Wan is counted with 1
   and 2 blocks and extrapolated to its 30 / 40 (exact: F(L) = F(1) + (L - 1) (F(2) - F(1))).
+- Peak accelerator memory with every layer offloaded (weights in host memory, compute on the meta
+  device as a stand-in accelerator; LiveStorageTracker, fake tensors, 2 of the model's blocks): stock,
+  sliced with each layer fetching at every call (as before issue 21), and sliced fetching once.
 - CPU time with real tensors at reduced sizes (full-size layer widths, random weights), on 1 and 2
   threads, the least of 3 calls, as a ratio to stock in the same run.
 
 Writes bench/results/slicing_cost.json and .png.
 
-    .venv/bin/python bench/slicing_cost.py [--part counts|time]
+    .venv/bin/python bench/slicing_cost.py [--part counts|peak|time]
 """
 import argparse
 import json
@@ -122,6 +125,48 @@ def counted_rows() -> list:
     return rows
 
 
+PEAKED = COUNTED[0], COUNTED[2]
+ACCELERATOR = "meta"
+
+
+def offloaded_peak(meta, call, settings) -> int:
+    from comfyui_streamline.core.memory.tracker import LiveStorageTracker
+    from comfyui_streamline.core.slicing import apply_slicing
+
+    forward, make_inputs = call
+    with FakeTensorMode():
+        module = model_fixtures.materialize_fake(meta, "cpu")
+        offload_every_layer(module)
+        inputs = [value.to(ACCELERATOR) for value in make_inputs(True, next(module.parameters()).dtype)]
+        with torch.inference_mode():
+            if settings is not None:
+                apply_slicing(module, settings)
+                forward(module, inputs)
+            with LiveStorageTracker(ACCELERATOR) as tracker:
+                forward(module, inputs)
+    return tracker.peak
+
+
+def peak_rows() -> list:
+    from comfyui_streamline.core.slicing import SliceSettings, fetched_weights
+
+    rows = []
+    fetches_weights = fetched_weights.fetches_weights
+    for name, kind, frames, size in PEAKED:
+        work, call = workload(kind, frames, size)
+        meta = build(kind, layers=2)
+        for label, settings, fetch_once in (("stock", None, True), ("auto, fetched at every call", SliceSettings(group_ops=True), False),
+                                            ("auto, fetched once", SliceSettings(group_ops=True), True)):
+            fetched_weights.fetches_weights = fetches_weights if fetch_once else (lambda layer: False)
+            try:
+                peak = offloaded_peak(meta, call, settings)
+            finally:
+                fetched_weights.fetches_weights = fetches_weights
+            rows.append(dict(workload=name, level=label, peak_gib=peak / 2 ** 30))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def timed_rows() -> list:
     from comfyui_streamline.core.slicing import apply_slicing, remove_slicing
 
@@ -181,7 +226,7 @@ def plot(data: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("counts", "time", "all"), default="all")
+    parser.add_argument("--part", choices=("counts", "peak", "time", "all"), default="all")
     part = parser.parse_args().part
     import_comfyui()
     import_pack()
@@ -189,6 +234,8 @@ def main() -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     if part in ("counts", "all"):
         data["counts"] = counted_rows()
+    if part in ("peak", "all"):
+        data["peak"] = peak_rows()
     if part in ("time", "all"):
         data["time"] = timed_rows()
     data["machine"] = cpu_machine()

@@ -19,7 +19,8 @@ def spatio_temporal_resblock_forward(block: nn.Module, settings: SliceSettings) 
         frames = image_only_indicator.shape[-1]
         batch = hidden_states.shape[0]
         h = run_stage([lambda xs, s: block.spatial_res_block(xs, slice_batch_aligned(temb, s, batch))],
-                      hidden_states, 0, settings.frames(batch), settings.group_ops)
+                      hidden_states, 0,
+                      settings.frames(batch, hidden_states[0].numel()), settings.group_ops)
         h5 = h.unflatten(0, (-1, frames)).transpose(1, 2)
         strips = settings.strips(h5.shape[4])
         temporal = TemporalResBlockStrips.of_diffusers(
@@ -70,7 +71,8 @@ def transformer_spatio_temporal_forward(block: nn.Module, settings: SliceSetting
                 return out.unflatten(0, (video_batch, frames))
 
             layers = [spatial_in, spatial_layer] if index == 0 else [spatial_layer]
-            run_stage(layers, hidden_states if index == 0 else tokens, 0, settings.frames(batch),
+            run_stage(layers, hidden_states if index == 0 else tokens, 0,
+                      settings.frames(batch, hidden_states[0].numel()),
                       settings.group_ops, out=tokens)
             temporal_layers = [temporal_layer]
             if index == depth - 1:

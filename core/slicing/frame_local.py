@@ -12,5 +12,5 @@ def frame_local_forward(module: nn.Module, settings: SliceSettings) -> Callable:
 
     def forward(x, *args, **kwargs):
         return map_slices(lambda xs, s: stock_forward(xs, *args, **kwargs),
-                          x, 0, settings.frames(x.shape[0]))
+                          x, 0, settings.frames(x.shape[0], x[0].numel()))
     return forward

@@ -427,7 +427,7 @@ class ProbeSettings(SliceSettings):
     def of(cls, settings: SliceSettings) -> "ProbeSettings":
         return cls(**{**vars(settings), "frame_chunks": PROBE_CHUNKS, "strip_chunks": PROBE_CHUNKS})
 
-    def frames(self, length: int) -> int:
+    def frames(self, length: int, frame_elements: int = 0) -> int:
         return max(1, min(self.frame_chunks, length))
 
     def strips(self, length: int) -> int:

@@ -11,13 +11,17 @@ AUTO = 0
 AUTO_STRIP_WIDTH = 16  # columns per strip in auto mode
 AUTO_BAND_ELEMENTS = 65536  # positions x channels per band of a temporal transformer in auto mode
 AUTO_TOKEN_ELEMENTS = 1024 * 1536  # tokens x channels per chunk of a DiT block in auto mode (1024 tokens of Wan 1.3B)
+# frames x channels x positions per chunk of a UNet's spatial layers in auto mode (at least one frame;
+# one frame of SVD's top levels at 576x1024, several of its small levels, where one frame a chunk is slow)
+AUTO_FRAME_ELEMENTS = 1024 * 1536
 
 
 @dataclass(frozen=True)
 class SliceSettings:
     """How finely supported blocks are sliced.
 
-    frame_chunks: chunks of the batch*frames axis for spatial ops (0 = one frame per chunk); for DiT
+    frame_chunks: chunks of the batch*frames axis for spatial ops (0 = as many frames per chunk as
+        hold AUTO_FRAME_ELEMENTS, at least one; one frame per chunk where the size is not given); for DiT
         video models, chunks of the token axis (0 = 1024 x 1536 token-channels per chunk).
     strip_chunks: chunks of the spatial axis for temporal ops (0 = strips 16 columns wide, and
         bands of 65536 position-channels per frame for temporal transformers).
@@ -43,8 +47,13 @@ class SliceSettings:
     def merged(self, **changes) -> "SliceSettings":
         return replace(self, **changes)
 
-    def frames(self, length: int) -> int:
-        return _clamp("frame_chunks", self.frame_chunks, length) if self.frame_chunks else length
+    def frames(self, length: int, frame_elements: int = 0) -> int:
+        """Chunks of a batch*frames axis of frames with `frame_elements` elements each (0: unknown)."""
+        if self.frame_chunks:
+            return _clamp("frame_chunks", self.frame_chunks, length)
+        if not frame_elements:
+            return length
+        return min(length, -(-length * frame_elements // AUTO_FRAME_ELEMENTS))
 
     def strips(self, length: int) -> int:
         return _clamp("strip_chunks", self.strip_chunks, length) if self.strip_chunks else -(-length // AUTO_STRIP_WIDTH)

@@ -49,7 +49,8 @@ def unet_patches(unet: nn.Module, settings: SliceSettings) -> dict:
     patches = {"forward": forward, "out.forward": fetching_once(unet.out, frame_local_forward(unet.out, settings))}
     for i in receivers:
         receiver = unet.output_blocks[i][0]
-        patches[f"output_blocks.{i}.0.forward"] = fetching_once(receiver, video_resblock_forward(receiver, settings, handoff))
+        patches[f"output_blocks.{i}.0.forward"] = fetching_once(receiver,
+                                                                video_resblock_forward(receiver, settings, handoff))
     return patches
 
 
@@ -63,7 +64,8 @@ def video_resblock_forward(block: nn.Module, settings: SliceSettings, handoff: O
             layer = lambda xs, s: spatial(xs, slice_batch_aligned(emb, s, batch))  # noqa: E731
         else:
             layer = lambda xs, s: spatial(torch.cat([xs, skip[s]], 1), slice_batch_aligned(emb, s, batch))  # noqa: E731
-        return run_stage([layer], x, 0, settings.frames(batch), settings.group_ops)
+        return run_stage([layer], x, 0, settings.frames(batch, x[0].numel() + (0 if skip is None else skip[0].numel())),
+                         settings.group_ops)
 
     def forward(x, emb, num_video_frames, image_only_indicator=None):
         batch = x.shape[0]
@@ -88,7 +90,7 @@ def spatial_video_transformer_forward(block: nn.Module, settings: SliceSettings)
                 transformer_options={}):
         batch, channels, height, width = x.shape
         transformer_options["activations_shape"] = list(x.shape)
-        frames = settings.frames(batch)
+        frames = settings.frames(batch, x[0].numel())
         video_batch = batch // timesteps
         if block.use_spatial_context:
             time_context = (context if time_context is None else time_context)[::timesteps]

@@ -107,10 +107,12 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
 
         # (the stock block makes x contiguous first: an extra full copy, as the first block's input is
         # a transposed view; chunks of the view serve as well)
-        with weights_fetched_once(block, ("norm1", "self_attn")):
+        # (each stage holds the weights of the layers it runs: one or two layers' more than stock)
+        with weights_fetched_once(block, ("norm1", "self_attn.k", "self_attn.v", "self_attn.norm_k")):
             k, v = project_keys_values(attention, lambda s: modulated_norm(x[:, s], s), chunk_slices(tokens, chunks),
                                        rope_at, transformer_options.get(KV_CARRY), x)
 
+        with weights_fetched_once(block, ("norm1", "self_attn.q", "self_attn.norm_q", "self_attn.o")):
             def attend(xs, s):  # roped queries of chunk s and their attention output (before the projection)
                 q = attention.norm_q(attention.q(modulated_norm(xs, s))).view(batch, -1, heads, head_dim)
                 q = apply_rope1(q, rope_at(s))
