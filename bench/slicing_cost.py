@@ -61,11 +61,14 @@ def workload(kind, frames, size):
                                                else wan_call(frames, *size, 2))
 
 
-def build(kind, layers=None, device="meta", dtype=torch.bfloat16):
+def full_size_dtype(kind):
+    return torch.float16 if kind == "svd" else torch.bfloat16
+
+
+def build(kind, layers=None, device="meta", dtype=None):
     if kind == "svd":
-        return model_fixtures.build_svd("full", torch.float16 if dtype == torch.bfloat16 else dtype,
-                                        device).diffusion_model
-    return model_fixtures.build_wan(kind, dtype, device, layers=layers).diffusion_model
+        return model_fixtures.build_svd("full", dtype or full_size_dtype(kind), device).diffusion_model
+    return model_fixtures.build_wan(kind, dtype or full_size_dtype(kind), device, layers=layers).diffusion_model
 
 
 def offload_every_layer(module) -> None:
@@ -75,7 +78,7 @@ def offload_every_layer(module) -> None:
             layer.comfy_cast_weights = True
 
 
-def counts(meta, call, settings) -> dict:
+def counts(meta, call, settings, dtype) -> dict:
     """FLOPs and weight bytes fetched by a forward with every layer offloaded, under fake tensors."""
     import comfy.ops
     from comfyui_streamline.core.slicing import apply_slicing
@@ -91,7 +94,7 @@ def counts(meta, call, settings) -> dict:
     with FakeTensorMode():
         module = model_fixtures.materialize_fake(meta)
         offload_every_layer(module)
-        inputs = make_inputs(True, next(module.parameters()).dtype)
+        inputs = make_inputs(True, dtype)
         with torch.inference_mode():
             if settings is not None:
                 apply_slicing(module, settings)
@@ -111,7 +114,7 @@ def counted_rows() -> list:
         work, call = workload(kind, frames, size)
         metas = [build(kind)] if kind == "svd" else [build(kind, layers) for layers in (1, 2)]
         for level, settings in levels(metas[0], work).items():
-            measured = [counts(meta, call, settings) for meta in metas]
+            measured = [counts(meta, call, settings, full_size_dtype(kind)) for meta in metas]
             if kind != "svd":  # extrapolated from 1 and 2 alike blocks
                 measured = {key: measured[0][key] + (WAN_LAYERS[kind] - 1) * (measured[1][key] - measured[0][key])
                             for key in measured[0]}
@@ -129,7 +132,7 @@ PEAKED = COUNTED[0], COUNTED[2]
 ACCELERATOR = "meta"
 
 
-def offloaded_peak(meta, call, settings) -> int:
+def offloaded_peak(meta, call, settings, dtype) -> int:
     from comfyui_streamline.core.memory.tracker import LiveStorageTracker
     from comfyui_streamline.core.slicing import apply_slicing
 
@@ -137,7 +140,7 @@ def offloaded_peak(meta, call, settings) -> int:
     with FakeTensorMode():
         module = model_fixtures.materialize_fake(meta, "cpu")
         offload_every_layer(module)
-        inputs = [value.to(ACCELERATOR) for value in make_inputs(True, next(module.parameters()).dtype)]
+        inputs = [value.to(ACCELERATOR) for value in make_inputs(True, dtype)]
         with torch.inference_mode():
             if settings is not None:
                 apply_slicing(module, settings)
@@ -159,7 +162,7 @@ def peak_rows() -> list:
                                             ("auto, fetched once", SliceSettings(group_ops=True), True)):
             fetched_weights.fetches_weights = fetches_weights if fetch_once else (lambda layer: False)
             try:
-                peak = offloaded_peak(meta, call, settings)
+                peak = offloaded_peak(meta, call, settings, full_size_dtype(kind))
             finally:
                 fetched_weights.fetches_weights = fetches_weights
             rows.append(dict(workload=name, level=label, peak_gib=peak / 2 ** 30))

@@ -3,7 +3,8 @@ memory from torch.cuda statistics (activations: the peak above what was allocate
 latency from CUDA-synchronised wall time, the output difference, and the Memory Planner's predicted
 peak (fake tensors) next to the measured one. Full-size models (ComfyUI's
 classes, random weights): SVD img2vid at 576x1024 fp16, 14 frames; Wan 2.1 1.3B DiT and the Wan 2.1
-VAE decode at 480x832 bf16, 81 frames. Writes bench/results/slicing_gpu.json.
+VAE decode at 480x832 bf16, 81 frames; the Wan DiT again with every layer offloaded (ComfyUI's
+low-VRAM load). Writes bench/results/slicing_gpu.json.
 
 Needs CUDA. `--smoke` runs the same code on the micro UNet and small latents on whatever device is
 present (a check of the script, not a measurement)."""
@@ -100,6 +101,26 @@ def wan_rows(smoke, device, repeats):
                           f"Wan 2.1 VAE decode {4 * latent_frames - 3}f {height * 8}x{width * 8}")
 
 
+def offloaded_wan_rows(smoke, device, repeats):
+    """Wan 2.1 1.3B loaded as ComfyUI loads a model too big for the card: every layer left in host
+    memory and copied to the GPU at each call (its low-VRAM load with no room); sliced layers fetch
+    once per stage (issue 21)."""
+    import comfy.model_patcher
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    latent_frames, height, width = (21, 60, 104) if not smoke else (3, 6, 8)
+    patcher = comfy.model_patcher.ModelPatcher(model_fixtures.build_wan("tiny" if smoke else "1.3B", dtype, "cpu"),
+                                               load_device=device, offload_device=torch.device("cpu"))
+    patcher.patch_model(device_to=device, lowvram_model_memory=1)
+    try:
+        x = torch.randn(1, 16, latent_frames, height, width, device=device, dtype=dtype)
+        t = torch.full((1,), 0.5, device=device)
+        context = torch.randn(1, 512, model_fixtures.WAN_TEXT_DIM, device=device, dtype=dtype)
+        return compare(patcher.model.diffusion_model, lambda m: m(x, t, context), WAN_SETTINGS, device, repeats,
+                       f"Wan 2.1 DiT {4 * latent_frames - 3}f {height * 8}x{width * 8}, every layer offloaded")
+    finally:
+        patcher.unpatch_model()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
@@ -119,6 +140,7 @@ def main():
                     f"VAE decode {frames}f {height * 8}x{width * 8}")
     del vae
     rows += wan_rows(smoke, device, repeats)
+    rows += offloaded_wan_rows(smoke, device, repeats)
     if smoke:
         return
     write_json("slicing_gpu", {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows})

@@ -1,5 +1,7 @@
 """Memory Planner: picks the least slicing whose predicted peak fits a VRAM budget, and retries a
-sampling step once with the next finer slicing on a real out-of-memory error."""
+sampling step once with the next finer slicing on a real out-of-memory error. Finer slicing costs
+time (smaller chunks run less efficiently), so a level is only taken, or retried with, where its
+predicted peak is lower than every coarser level's."""
 import logging
 
 import comfy.model_management as mm
@@ -55,8 +57,9 @@ class MemoryPlanner(io.ComfyNode):
             category="Streamline/memory",
             description="Predicts the sampling peak of the model on this latent (a dry run under fake tensors, "
                         "seconds on a CPU) for stock and increasingly fine slicing, and applies the least "
-                        "slicing that fits the budget. On a real out-of-memory error during sampling the step "
-                        "is retried once with the next finer slicing. Wan and SVD models.",
+                        "slicing that fits the budget (finer slicing runs slower, so a finer level is only taken "
+                        "where it lowers the predicted peak). On a real out-of-memory error during sampling the "
+                        "step is retried once with the next finer slicing that does. Wan and SVD models.",
             inputs=[io.Model.Input("model"), io.Latent.Input("latent", tooltip="The latent the sampler will denoise."),
                     io.Float.Input("budget_gib", default=0.0, min=0.0, max=4096.0, step=0.5,
                                    tooltip="VRAM for the model's weights and activations. 0 = what the compute "
@@ -79,18 +82,33 @@ class MemoryPlanner(io.ComfyNode):
         budget = budget_gib * GIB or mm.get_free_memory(device) + model.loaded_size()
         weights = model.model_size()
         ladder = slicing_ladder(diffusion_model, work)
+        target = "cuda" if device.type == "cuda" else "cpu"
+        peaks = {}
+
+        def peak_of(index):
+            if index not in peaks:
+                peaks[index] = predict_peak(diffusion_model, forward, ladder[index], target)
+            return peaks[index]
+
         lines = [f"budget {budget / GIB:.2f} GiB, weights {weights / GIB:.2f} GiB, latent {list(work.latent_shape)}"]
+        lowest = None  # the coarsest level with the lowest peak so far
         for index, settings in enumerate(ladder):
-            peak = predict_peak(diffusion_model, forward, settings, "cuda" if device.type == "cuda" else "cpu")
+            peak = peak_of(index)
+            if lowest is not None and peak >= peak_of(lowest):  # finer slicing costs time: only for less memory
+                lines.append(f"{describe(settings)}: activations {peak / GIB:.3f} GiB, no less than coarser "
+                             "slicing: skipped")
+                continue
+            lowest = index
             fits = weights + peak <= budget
             lines.append(f"{describe(settings)}: activations {peak / GIB:.3f} GiB" + (" <- fits" if fits else ""))
             if fits:
-                finer = ladder[index + 1] if index + 1 < len(ladder) else None
+                finer = next((ladder[i] for i in range(index + 1, len(ladder)) if peak_of(i) < peak), None)
                 clone = model.clone() if settings is None else sliced_model(model, "Memory Planner", **vars(settings))
                 clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, OOM_RETRY_KEY, oom_retry(finer))
                 plan = "\n".join(lines)
                 log.info("Memory Planner:\n%s", plan)
                 return io.NodeOutput(clone, plan)
+        settings, peak = ladder[lowest], peak_of(lowest)
         raise ValueError(f"Memory Planner: no slicing fits {budget / GIB:.2f} GiB. The smallest peak reachable is "
                          f"{(weights + peak) / GIB:.2f} GiB (weights {weights / GIB:.2f} + activations "
                          f"{peak / GIB:.2f} with {describe(settings)}): raise budget_gib, or use fewer frames, a "

@@ -73,6 +73,29 @@ def test_planner_applies_the_least_slicing_that_fits(pack, wan_model):
     assert wan_model.object_patches == {}
 
 
+def test_planner_skips_finer_slicing_that_saves_no_memory(pack, wan_model):
+    """Finer slicing costs time, so a level whose predicted peak is no lower than a coarser level's is
+    listed as skipped and never chosen: with room for only the lowest peak, the coarsest level that
+    reaches it is applied."""
+    from comfyui_streamline.nodes.planner import MemoryPlanner, describe
+
+    lat = latent()
+    ladder = predictions(wan_model, lat)
+    lowest_peak = min(peak for _, peak in ladder)
+    budget = (wan_model.model_size() + lowest_peak + 1) / 1024 ** 3
+    chosen, plan = MemoryPlanner.execute(wan_model, lat, budget, True).args
+    lines = plan.splitlines()[1:]
+    coarser_lowest = float("inf")
+    for (settings, peak), line in zip(ladder, lines):
+        assert line.startswith(f"{describe(settings)}: activations {peak / 1024 ** 3:.3f} GiB")
+        assert line.endswith("skipped") == (peak >= coarser_lowest), line
+        coarser_lowest = min(coarser_lowest, peak)
+    assert any(line.endswith("skipped") for line in lines)  # the Grouper at auto saves nothing over the Slicer here
+    coarsest = next(settings for settings, peak in ladder if peak == lowest_peak)
+    assert lines[-1] == f"{describe(coarsest)}: activations {lowest_peak / 1024 ** 3:.3f} GiB <- fits"
+    assert chosen.model_options["transformer_options"]["streamline_slicing"] == coarsest
+
+
 def test_planner_names_the_smallest_reachable_peak_when_nothing_fits(pack, wan_model):
     from comfyui_streamline.nodes.planner import MemoryPlanner
 

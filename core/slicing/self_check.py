@@ -544,10 +544,11 @@ def counting_fake_probes():
         _force_fake[0] = False
 
 
-def _unreal(args: tuple, kwargs: dict) -> bool:
-    """Whether the call holds fake or meta tensors (memory prediction, fake-tensor benchmarks)."""
+def _unreal(args: tuple, kwargs: dict, module: nn.Module) -> bool:
+    """Whether the call holds, or the module computes with, fake or meta tensors (memory prediction,
+    fake-tensor benchmarks; real inputs to a fake module come out fake)."""
     from torch._subclasses.fake_tensor import is_fake
-    values = [*args, *kwargs.values()]
+    values = [*args, *kwargs.values(), next(module.parameters(), None)]
     return any(isinstance(v, torch.Tensor) and (v.is_meta or is_fake(v)) for v in values)
 
 
@@ -618,7 +619,7 @@ class Checker:
                         else "is marked unchecked in self_check.PROBES")
             return CheckResult(0, UNCHECKED, type(self.owner).__name__, self.path, self.attribute, self.host,
                                "no probe rule", self.tag)
-        fake = _unreal(args, kwargs)
+        fake = _unreal(args, kwargs, self.owner)
         if fake and not _force_fake[0]:
             return None
         if _dropout_active(self.owner):
