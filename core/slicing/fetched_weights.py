@@ -15,6 +15,7 @@ import functools
 from contextlib import contextmanager
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..host import host_function
@@ -47,7 +48,19 @@ def fetched_once_forward(layer: nn.Module) -> Callable:
             fetched[key] = cast_bias_weight(layer, input)
         with weights_in_place(layer, *fetched[key]):
             return type(layer).forward(layer, input, *args, **kwargs)
+    forward.fetches_once = True
     return forward
+
+
+@contextmanager
+def weights_fetched_for(layer: nn.Module, like: torch.Tensor):
+    """`layer`'s weight fetched now for inputs like `like` and in place inside the with-block, for a
+    caller that runs the layer's class forward directly (not its instance's)."""
+    if not fetches_weights(layer):
+        yield
+        return
+    with weights_in_place(layer, *host_function(layer, "cast_bias_weight")(layer, like)):
+        yield
 
 
 @contextmanager
@@ -71,10 +84,12 @@ def weights_in_place(layer: nn.Module, weight, bias):
 
 def weights_fetched_once(root: nn.Module, parts: tuple = ("",)):
     """Inside the with-block, each fetching layer below `root` (in its submodules named by `parts`,
-    "" = all) fetches its weight on its first call only; the weights are released at the end."""
+    "" = all) fetches its weight on its first call only; the weights are released at the end. Layers
+    that an enclosing block fetches once already keep that block's fetch."""
     return patches_applied(root, {f"{path}.forward": fetched_once_forward(layer)
                                   for path, layer in root.named_modules()
-                                  if path and path.startswith(parts) and fetches_weights(layer)})
+                                  if path and path.startswith(parts) and fetches_weights(layer)
+                                  and not getattr(layer.__dict__.get("forward"), "fetches_once", False)})
 
 
 def fetching_once(root: nn.Module, forward: Callable) -> Callable:

@@ -7,15 +7,25 @@ from .fetched_weights import fetches_weights
 
 
 def cast_affine(norm: nn.Module, like: torch.Tensor) -> tuple:
-    """A norm's weight and bias (fp32) as the host's own forward sees them: ComfyUI's layers that
-    cast (kept offloaded in low-VRAM mode, or patched on the fly) fetch them through the host's
-    cast, others are moved to the input's device and dtype."""
+    """A norm's weight and bias (fp32) as the host's own forward sees them: ComfyUI's plain cast
+    layers (kept offloaded in low-VRAM mode, or patched on the fly) fetch them through the host's
+    cast; others are moved to the input's device and dtype, with any host weight patches listed in
+    `<name>_function` applied (to a copy: they patch in place)."""
     if fetches_weights(norm):
-        weight, bias = host_function(norm, "cast_bias_weight")(norm, like)
-    else:
-        weight, bias = (None if value is None else value.to(device=like.device, dtype=like.dtype)
-                        for value in (norm.weight, norm.bias))
-    return tuple(None if value is None else value.float() for value in (weight, bias))
+        fetched = host_function(norm, "cast_bias_weight")(norm, like)
+        return tuple(None if value is None else value.float() for value in fetched)
+    return tuple(_moved(norm, name, like) for name in ("weight", "bias"))
+
+
+def _moved(norm: nn.Module, name: str, like: torch.Tensor):
+    value = getattr(norm, name, None)
+    if value is None:
+        return None
+    functions = getattr(norm, f"{name}_function", ())
+    value = value.to(device=like.device, dtype=like.dtype, copy=bool(functions))
+    for patch in functions:
+        value = patch(value)
+    return value.float()
 
 
 class ExactGroupNorm:

@@ -6,12 +6,13 @@ convolutions in strips of the width axis with exact GroupNorm statistics.
 Feature Slicer alone patches each video block (`decoder_video_resblock_forward`, `video_conv_forward`).
 With operator grouping the decoder runs its own forward (`video_decoder_forward`) over a FrameList.
 """
+from contextlib import nullcontext
 from typing import Callable
 
 from einops import rearrange
 from torch import nn
 
-from .fetched_weights import weights_fetched_once
+from .fetched_weights import weights_fetched_for, weights_fetched_once
 from .settings import SliceSettings
 from .frame_list import FrameList, run_video_block
 from .slices import chunk_slices, map_slices, slice_batch_aligned, take
@@ -78,7 +79,7 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
     frame_conv = parent_forward(decoder.conv_out, "AE3DConv")
 
     def run_module(module, h: FrameList, prelude=None, **kwargs):
-        with weights_fetched_once(module), weights_fetched_once(prelude.__self__ if prelude else nn.Module()):
+        with weights_fetched_once(module), (weights_fetched_once(prelude.__self__) if prelude else nullcontext()):
             run_module_fetched(module, h, prelude, **kwargs)
 
     def run_module_fetched(module, h: FrameList, prelude=None, **kwargs):
@@ -117,7 +118,8 @@ def video_decoder_forward(decoder: nn.Module, settings: SliceSettings) -> Callab
                 h.map_frames(lambda xs, s: pending_upsample(xs), settings.frames(len(h.frames)))
         if getattr(decoder, "give_pre_end", False):  # gone in ComfyUI 0.33 (its Decoder always runs the head)
             return h.stack()
-        with weights_fetched_once(decoder, ("norm_out", "conv_out")):
+        like = h.frames[0].new_empty(0, device=h.device)
+        with weights_fetched_once(decoder, ("norm_out", "conv_out")), weights_fetched_for(decoder.conv_out, like):
             h.map_frames(lambda xs, s: frame_conv(nonlinearity(decoder.norm_out(xs))), settings.frames(len(h.frames)))
             if not skip_video:
                 h.map_strips(decoder.conv_out.time_mix_conv, settings.strips(h.frames[0].shape[-1]))
