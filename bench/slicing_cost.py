@@ -71,41 +71,22 @@ def build(kind, layers=None, device="meta", dtype=None):
     return model_fixtures.build_wan(kind, dtype or full_size_dtype(kind), device, layers=layers).diffusion_model
 
 
-def offload_every_layer(module) -> None:
-    """What ComfyUI's low-VRAM load does to a layer left offloaded: cast (fetch) it at every call."""
-    for layer in module.modules():
-        if hasattr(layer, "comfy_cast_weights") and getattr(layer, "weight", None) is not None:
-            layer.comfy_cast_weights = True
-
-
 def counts(meta, call, settings, dtype) -> dict:
     """FLOPs and weight bytes fetched by a forward with every layer offloaded, under fake tensors."""
-    import comfy.ops
     from comfyui_streamline.core.slicing import apply_slicing
 
     forward, make_inputs = call
-    host_cast = comfy.ops.cast_bias_weight
-    fetched = [0]
-
-    def counted_cast(layer, *args, **kwargs):
-        fetched[0] += layer.weight.nbytes + (0 if layer.bias is None else layer.bias.nbytes)
-        return host_cast(layer, *args, **kwargs)
-
     with FakeTensorMode():
         module = model_fixtures.materialize_fake(meta)
-        offload_every_layer(module)
+        model_fixtures.offload_every_layer(module)
         inputs = make_inputs(True, dtype)
         with torch.inference_mode():
             if settings is not None:
                 apply_slicing(module, settings)
                 forward(module, inputs)  # the self-check's probes run in the first call
-            comfy.ops.cast_bias_weight = counted_cast
-            try:
-                with flop_counter() as counter:
-                    forward(module, inputs)
-            finally:
-                comfy.ops.cast_bias_weight = host_cast
-    return dict(flops=counter.get_total_flops(), weight_bytes=fetched[0])
+            with model_fixtures.counted_weight_fetches() as fetched, flop_counter() as counter:
+                forward(module, inputs)
+    return dict(flops=counter.get_total_flops(), weight_bytes=sum(fetched.values()))
 
 
 def counted_rows() -> list:
@@ -139,7 +120,7 @@ def offloaded_peak(meta, call, settings, dtype) -> int:
     forward, make_inputs = call
     with FakeTensorMode():
         module = model_fixtures.materialize_fake(meta, "cpu")
-        offload_every_layer(module)
+        model_fixtures.offload_every_layer(module)
         inputs = [value.to(ACCELERATOR) for value in make_inputs(True, dtype)]
         with torch.inference_mode():
             if settings is not None:

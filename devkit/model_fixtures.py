@@ -4,6 +4,7 @@ Tiny models run on a CPU in seconds and are saved as safetensors that ComfyUI's 
 (ImageOnlyCheckpointLoader for SVD img2vid, UNETLoader and VAELoader for Wan 2.1). Full-size models are
 built on the meta device (no memory) for memory work under fake tensors.
 """
+import contextlib
 import copy
 import logging
 import math
@@ -113,6 +114,33 @@ def materialize_fake(module: torch.nn.Module, device: str = "cpu") -> torch.nn.M
     with unset_fake_temporarily():
         module = copy.deepcopy(module)
     return sys.modules[import_pack().__name__ + ".core.memory.predictor"].materialize_fake(module, device)
+
+
+def offload_every_layer(module: torch.nn.Module) -> None:
+    """What ComfyUI's low-VRAM load does to a layer left offloaded: it casts (fetches) its weight at
+    every call."""
+    for layer in module.modules():
+        if hasattr(layer, "comfy_cast_weights") and getattr(layer, "weight", None) is not None:
+            layer.comfy_cast_weights = True
+
+
+@contextlib.contextmanager
+def counted_weight_fetches():
+    """{layer: weight bytes it fetched through ComfyUI's cast_bias_weight} inside the block."""
+    import comfy.ops
+
+    host_cast = comfy.ops.cast_bias_weight
+    fetched = {}
+
+    def counted_cast(layer, *args, **kwargs):
+        fetched[layer] = fetched.get(layer, 0) + layer.weight.nbytes + (0 if layer.bias is None else layer.bias.nbytes)
+        return host_cast(layer, *args, **kwargs)
+
+    comfy.ops.cast_bias_weight = counted_cast
+    try:
+        yield fetched
+    finally:
+        comfy.ops.cast_bias_weight = host_cast
 
 
 def _vae_from_detection(marker_sd: dict, seed: int):

@@ -3,8 +3,6 @@ on a stand-in accelerator (the meta device: no GPU, and no CUDA driver, which to
 needs even to index a fake "cuda" tensor) the accelerator-side peak grows only by the temporal
 strips (all frames of a few columns) instead of by whole frames. At full size the peak is one
 frame's work: bench/slicing_peaks.py measures 0.70 GiB at both 14 and 25 frames on fake "cuda"."""
-from contextlib import contextmanager
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -67,32 +65,13 @@ def svd_inputs(frames=5, height=8, width=12):
                                       image_only_indicator=torch.zeros(1, frames), transformer_options=options)
 
 
-@contextmanager
-def counted_fetches():
-    """The weight bytes each layer fetches through ComfyUI's cast_bias_weight inside the block."""
-    import comfy.ops
-
-    host_cast = comfy.ops.cast_bias_weight
-    fetched = {}
-
-    def counted_cast(layer, *args, **kwargs):
-        fetched[layer] = fetched.get(layer, 0) + layer.weight.nbytes + (0 if layer.bias is None else layer.bias.nbytes)
-        return host_cast(layer, *args, **kwargs)
-
-    comfy.ops.cast_bias_weight = counted_cast
-    try:
-        yield fetched
-    finally:
-        comfy.ops.cast_bias_weight = host_cast
-
-
 def offloaded_forward(model, call):
     """One forward (`call`) of the model loaded the way ComfyUI loads a model too big for its card:
     every layer offloaded (low-VRAM mode), weight patches applied on the fly at each call. Returns
     the output and the weight bytes each layer fetched."""
     model.patch_model(lowvram_model_memory=1)
     try:
-        with torch.inference_mode(), counted_fetches() as fetched:
+        with torch.inference_mode(), model_fixtures.counted_weight_fetches() as fetched:
             out = call(model.model.diffusion_model, model.model_options.get("transformer_options", {}))
     finally:
         model.unpatch_model()
@@ -142,18 +121,16 @@ def test_offloaded_vae_decoder_layers_fetch_their_weights_once_per_decode(pack):
     from test_slicing_nodes import TOLERANCE, relative_difference
 
     vae = model_fixtures.build_svd_vae().first_stage_model
-    for layer in vae.modules():
-        if hasattr(layer, "comfy_cast_weights") and getattr(layer, "weight", None) is not None:
-            layer.comfy_cast_weights = True
+    model_fixtures.offload_every_layer(vae)
     vae.decoder.up[1].block[0].conv1.weight_function = [lambda weight: weight * 1.5]
     z = torch.randn(5, 4, 6, 8, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        with counted_fetches() as stock_fetched:
+        with model_fixtures.counted_weight_fetches() as stock_fetched:
             stock = vae.decode(z)
         apply_slicing(vae, SliceSettings(frame_chunks=2, strip_chunks=3, group_ops=True))
         try:
             vae.decode(z)  # the first sliced call also runs the self-check's stock probe
-            with counted_fetches() as fetched:
+            with model_fixtures.counted_weight_fetches() as fetched:
                 decoded = vae.decode(z)
         finally:
             remove_slicing(vae)

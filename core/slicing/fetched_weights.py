@@ -22,8 +22,6 @@ from ..host import host_function
 from ..patching import patches_applied
 
 PLAIN_CAST_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm", "RMSNorm")
-_CAST_STATE = ("comfy_cast_weights", "weight_function", "bias_function")
-_MISSING = object()
 
 
 def fetches_weights(layer: nn.Module) -> bool:
@@ -68,18 +66,12 @@ def weights_in_place(layer: nn.Module, weight, bias):
     """`layer` holding the fetched weight and bias as a layer that needs no cast."""
     parameters = {"weight": weight, **({"bias": bias} if bias is not None else {})}
     saved_parameters = {name: layer._parameters[name] for name in parameters}
-    saved_state = {name: layer.__dict__.get(name, _MISSING) for name in _CAST_STATE}
     layer._parameters.update(parameters)
-    layer.__dict__.update(comfy_cast_weights=False, weight_function=[], bias_function=[])
     try:
-        yield
+        with patches_applied(layer, {"comfy_cast_weights": False, "weight_function": [], "bias_function": []}):
+            yield
     finally:
         layer._parameters.update(saved_parameters)
-        for name, value in saved_state.items():
-            if value is _MISSING:
-                layer.__dict__.pop(name, None)
-            else:
-                layer.__dict__[name] = value
 
 
 def weights_fetched_once(root: nn.Module, parts: tuple = ("",)):
