@@ -93,6 +93,9 @@ WAN_VARIANTS = {  # variant -> (ComfyUI model config class, config changes)
     "2.2 i2v A14B": ("WAN21_T2V", {"in_dim": 36}),
     "2.1 flf2v": ("WAN21_I2V", {"model_type": "i2v", "in_dim": 36, "flf_pos_embed_token_number": 514}),
     "2.2 ti2v 5B": ("WAN22_T2V", {"in_dim": 48, "out_dim": 48}),  # per-frame timesteps from the denoise mask
+    # VACE: a control stream through vace_blocks, its hints added after the main blocks they map to
+    "2.1 vace": ("WAN21_Vace", {"model_type": "vace", "vace_layers": 2, "vace_in_dim": 96}),
+    "2.1 fun camera": ("WAN21_Camera", {"model_type": "camera", "in_dim": 32}),
 }
 
 

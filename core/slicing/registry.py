@@ -15,7 +15,8 @@ from . import self_check, svd_vae, wan_vae, workloads
 from .svd_vae import FRAME_LOCAL_MODULES, decoder_video_resblock_forward, video_conv_forward, video_decoder_forward
 from ..host import derives_from
 from ..patching import install, patches_applied
-from .wan import wan_block_forward
+from .wan import vace_block_forward, wan_block_forward
+from .whole_model import caller_forward
 
 
 class UnsupportedModelError(ValueError):
@@ -55,12 +56,33 @@ def _frame_local_children(*names):
 
 
 @dataclass(frozen=True)
+class Caller:
+    """A root model class of a family, as it calls the family's blocks.
+
+    title: the model as ComfyUI users know it (its templates' name).
+    keeps_inputs: paths of the blocks whose input tensor the root reads again after the block ran
+        (VACE's first block: x_orig); a sliced block writes its output into its input only where the
+        root drops it, i.e. in every other block of the root.
+    between_blocks: what the root adds to the stream between blocks ("" = nothing), which Step Rehash
+        would cache and add again; it refuses such roots with this reason.
+    refused: why the slicer refuses the root ("" = it slices every block stack)."""
+    name: str
+    title: str
+    keeps_inputs: tuple = ()
+    between_blocks: str = ""
+    refused: str = ""
+
+
+@dataclass(frozen=True)
 class Family:
     """A row of the table every part of the pack reads: the slicer (`signature`, `rules`), the
     self-check (the rules' probes), the Memory Planner (`step_inputs`, `finer_slicing`,
     `repeated_stack`, `decode_estimate`) and DualParal (`pipeline_parts`, `pipeline_classes`).
 
     root: class name of the whole model the family's blocks live in (model-level rows need it).
+    callers: the root classes (the root and its subclasses) the family knows, as Caller rows; a root
+        class the family does not list is refused (a variant whose forward was not read).
+    block: the class every block of a listed stack derives from; each must be patched.
     decode_estimate(vae, settings, stock_estimate), for VAE families: the memory estimate ComfyUI
         sizes decode batches with, for the sliced decode.
     step_inputs(model, Workload) -> forward(twin, device): one sampling step, for the predictor.
@@ -68,17 +90,25 @@ class Family:
     repeated_stack: the attribute holding alike blocks that pass one fixed-size tensor along, so the
         predictor runs two of them.
     pipeline_parts: what a DualParal rank stage uses of the model (empty: DualParal refuses it);
-    pipeline_classes: the host classes (module.Class) a cluster rank may rebuild from a request."""
+    pipeline_classes: the host classes (module.Class) a cluster rank may rebuild from a request.
+    input: the ComfyUI input type a node slices the family through (MODEL or VAE)."""
     name: str
     signature: Callable[[nn.Module], bool]
     rules: tuple
     root: str = ""
+    callers: tuple = ()
+    block: str = ""
     decode_estimate: Optional[Callable] = None
     step_inputs: Optional[Callable] = None
     finer_slicing: Optional[Callable] = None
     repeated_stack: str = ""
     pipeline_parts: tuple = ()
     pipeline_classes: tuple = ()
+    input: str = "MODEL"
+
+    def caller(self, model: nn.Module) -> Optional[Caller]:
+        """The row of `model`'s own class (None: a class this family does not list)."""
+        return next((c for c in self.callers if c.name == type(model).__name__), None)
 
 
 def _wan_vae_decode(vae: nn.Module, settings: SliceSettings) -> dict:
@@ -87,6 +117,25 @@ def _wan_vae_decode(vae: nn.Module, settings: SliceSettings) -> dict:
     except wan_vae.UnsupportedDecoderError as error:
         raise UnsupportedModelError(f"this Wan VAE's decoder cannot be sliced exactly: {error}") from None
 
+
+WAN_CALLERS = (
+    Caller("WanModel", "Wan 2.1 / 2.2 (text / image-to-video, Fun, Bernini-R, InfiniteTalk)"),
+    Caller("CameraWanModel", "Wan Fun Camera"),
+    Caller("VaceWanModel", "Wan VACE", keeps_inputs=("blocks.0",),
+           between_blocks="VACE adds its control hints to the stream after its blocks"),
+    Caller("WanModel_S2V", "Wan 2.2 S2V", between_blocks="S2V injects audio into the stream between its blocks"),
+    Caller("AnimateWanModel", "Wan 2.2 Animate",
+           between_blocks="Animate adds its face adapter's output after every fifth block"),
+    Caller("SCAILWanModel", "Wan SCAIL"),
+    Caller("SCAIL2WanModel", "Wan SCAIL 2"),
+    Caller("WanDancerModel", "WanDancer", between_blocks="WanDancer injects music into the stream between its blocks"),
+    Caller("HumoWanModel", "Wan HuMo", refused="its blocks run an audio cross-attention of their own "
+           "(WanAttentionBlockAudio), which Streamline does not slice yet"),
+    Caller("WanAnimate2Model", "Wan Animate 2", refused="its blocks run separate pose and generation branches "
+           "(forward_pose / forward_gen), which Streamline does not slice yet"),
+    Caller("CausalWanModel", "Wan Causal Forcing", refused="its blocks keep a causal key/value cache across calls, "
+           "which Streamline does not slice yet"),
+)
 
 FAMILIES = (
     Family(
@@ -114,25 +163,30 @@ FAMILIES = (
             BlockRule(lambda m: type(m).__name__ in FRAME_LOCAL_MODULES and not hasattr(m, "dims"),
                       _forward(frame_local_forward)),
         ),
-        decode_estimate=svd_vae.decode_estimate,
+        decode_estimate=svd_vae.decode_estimate, input="VAE",
     ),
     Family(
         "Wan 2.1 / 2.2 VAE (ComfyUI wan/vae.py, wan/vae2_2.py: WanVAE)",
         signature=_is("WanVAE", "decoder", "conv2"), root="WanVAE",
         rules=(BlockRule(_is("WanVAE", "decoder", "conv2"), _wan_vae_decode),),
-        decode_estimate=wan_vae.decode_estimate,
+        decode_estimate=wan_vae.decode_estimate, input="VAE",
     ),
     Family(
         "Wan 2.1 / 2.2 DiT (ComfyUI wan/model.py: WanAttentionBlock)",
         signature=_is("WanAttentionBlock", "self_attn", "cross_attn", "ffn", "modulation"),
-        root="WanModel", step_inputs=workloads.wan_step, finer_slicing=workloads.finer_token_chunks,
+        root="WanModel", block="WanAttentionBlock", callers=WAN_CALLERS,
+        step_inputs=workloads.wan_step, finer_slicing=workloads.finer_token_chunks,
         repeated_stack="blocks",
         pipeline_parts=("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
                         "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim"),
         pipeline_classes=("comfy.ldm.wan.model.WanModel",),
-        rules=(  # subclasses (VACE, audio) change the forward's signature: only the plain block
-            BlockRule(lambda m: type(m).__name__ == "WanAttentionBlock",  # fetches its weights stage by stage
+        rules=(  # each block fetches its weights stage by stage
+            BlockRule(lambda m: type(m).__name__ == "WanAttentionBlock",
                       lambda module, settings: {"forward": wan_block_forward(module, settings)}),
+            BlockRule(lambda m: type(m).__name__ == "VaceWanAttentionBlock" and hasattr(m, "after_proj"),
+                      lambda module, settings: {"forward": vace_block_forward(module, settings)}),
+            # the whole model, so that a block exact alone but wrong in its caller falls back (self-check)
+            BlockRule(lambda m: derives_from(m, "WanModel") and hasattr(m, "blocks"), caller_forward),
         ),
     ),
     Family(
@@ -155,7 +209,13 @@ FAMILIES = (
     ),
 )
 
-SUPPORTED = "; ".join(f.name for f in FAMILIES)
+def short_name(family: Family) -> str:
+    return family.name.split(" (")[0]
+
+
+def supported(input_type: str) -> str:
+    """The families a node taking `input_type` (MODEL or VAE) slices, in users' words."""
+    return ", ".join(short_name(f) for f in FAMILIES if f.input == input_type)
 
 
 def family_of(model: nn.Module) -> Optional[Family]:
@@ -165,34 +225,77 @@ def family_of(model: nn.Module) -> Optional[Family]:
                  and any(f.signature(m) for m in modules)), None)
 
 
+def caller_of(model: nn.Module) -> tuple:
+    """(family, its Caller row of `model`'s class) of a root model whose family lists callers, or
+    (family, None) / (None, None) where it lists none or `model` is no family's root."""
+    family = family_of(model)
+    return family, (family.caller(model) if family and family.callers else None)
+
+
+def refusal(model: nn.Module, input_type: str = "MODEL") -> str:
+    """Why a model gets no slicing, in one or two sentences naming the model and what to do, or ""."""
+    family, caller = caller_of(model)
+    if family is not None and family.callers:
+        if caller is None:
+            return (f"{type(model).__name__} is a {short_name(family)} variant Streamline does not know yet, so it "
+                    f"cannot show slicing it is exact; it runs stock without this node.")
+        if caller.refused:
+            return (f"{caller.title} ({caller.name}) is not supported: {caller.refused}. It runs stock without "
+                    f"this node.")
+    if family is None and not any(f.signature(m) for m in model.modules() for f in FAMILIES):
+        kind = "MODEL" if input_type == "MODEL" else "VAE"
+        return (f"this {kind} is {type(model).__name__}, which Streamline cannot slice (it slices "
+                f"{supported(input_type)}); it runs stock without this node.")
+    return ""
+
+
 def diffusion_family(model: nn.Module) -> Family:
     """The family of a diffusion model the Memory Planner can predict."""
-    family = family_of(model)
-    if family is None or family.step_inputs is None:
-        known = "; ".join(f.name for f in FAMILIES if f.step_inputs)
-        raise UnsupportedModelError(f"{type(model).__name__}: the memory planner knows {known}")
+    family, caller = caller_of(model)
+    if family is None or family.step_inputs is None or (family.callers and caller is None):
+        known = ", ".join(short_name(f) for f in FAMILIES if f.step_inputs)
+        raise UnsupportedModelError(f"this MODEL is {type(model).__name__}, which the Memory Planner cannot "
+                                    f"predict (it predicts {known}); plan without it, or add Feature Slicer + "
+                                    f"Operator Grouper by hand.")
+    if caller is not None and caller.name != family.root:
+        raise UnsupportedModelError(f"{caller.title} ({caller.name}) takes inputs of its own that the Memory "
+                                    f"Planner's dry run does not make; add Feature Slicer + Operator Grouper by "
+                                    f"hand instead (they slice it).")
     return family
 
 
-def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "") -> dict:
+def slicing_patches(root: nn.Module, settings: SliceSettings, prefix: str = "", input_type: str = "MODEL") -> dict:
     """Every replacement that slices `root`, keyed by attribute path from `root` (with `prefix`).
 
-    Raises UnsupportedModelError, naming the supported families, when `root` contains none."""
+    Raises UnsupportedModelError, saying why and what to do, when `root` is not sliced whole: no
+    family's blocks, a root class the family refuses or does not list, a block of a listed stack no
+    rule patches, or nothing to patch at all."""
+    reason = refusal(root, input_type)
+    if reason:
+        raise UnsupportedModelError(reason)
     modules = list(root.named_modules())
     families = [f for f in FAMILIES if any(f.signature(m) for _, m in modules)]
-    if not families:
-        raise UnsupportedModelError(
-            f"{type(root).__name__} has no video blocks that Streamline can slice. Supported: {SUPPORTED}.")
+    _, caller = caller_of(root)
     patches = {}
     for path, module in modules:
         for family in families:
             rule = next((r for r in family.rules if r.matches(module)), None)
+            if rule is None and family.block and derives_from(module, family.block):
+                raise UnsupportedModelError(
+                    f"{type(root).__name__} holds a {type(module).__name__} at {path}, a block Streamline does not "
+                    f"slice yet; the model runs stock without this node.")
             if rule is not None:
                 base = f"{prefix}{path}." if path else prefix
-                for key, value in self_check.checked(module, rule.make, settings, base).items():
+                block_settings = settings
+                if caller is not None and family.block and derives_from(module, family.block):
+                    block_settings = settings.merged(caller_drops_input=path not in caller.keeps_inputs)
+                for key, value in self_check.checked(module, rule.make, block_settings, base).items():
                     # a parent's rule may already have patched this module, coordinated with itself
                     patches.setdefault(base + key, value)
                 break
+    if not patches:
+        raise UnsupportedModelError(f"{type(root).__name__} has nothing Streamline can slice with these settings; "
+                                    f"it runs stock without this node.")
     self_check.link_groups(patches.values())
     return patches
 
@@ -229,7 +332,8 @@ def apply_slicing(target, settings: SliceSettings):
                 raise
     if not plans:
         raise UnsupportedModelError(
-            f"{type(target).__name__} has no model with video blocks that Streamline can slice. Supported: {SUPPORTED}.")
+            f"{type(target).__name__} has no model with video blocks that Streamline can slice (it slices "
+            f"{supported('MODEL')}; {supported('VAE')}).")
     for model, patches in plans:
         remove_slicing(model)
         setattr(model, _INSTALLED, [(owner, attribute) for owner, attribute, _ in install(model, patches)])

@@ -56,6 +56,8 @@ UNET_MIN_SIDES = (4, 16)
 FRAME_LOCAL_FRAMES = 3  # frames of a frame-local module's probe (chunks of 2 and 1)
 VIDEO_FRAMES = 5  # latent frames of a video decoder's probe: the Wan VAE's first frame and two runs
 PROBE_TOKENS = 256  # tokens of a DiT block's probe (per-frame modulation: 2 frames of 128)
+# a whole DiT's probe: latent frames and rows / columns kept (Wan's 2x2 patches: 2 x 4 x 4 tokens)
+WHOLE_MODEL_FRAMES, WHOLE_MODEL_SIDE = 2, 8
 PROBE_CHUNKS = 2  # frame / token chunks and strips / bands of a probe: a border each (fewer where an axis is shorter)
 
 PASSED, FELL_BACK, UNCHECKED, NOT_CHECKED = "passed", "fell back to stock", "unchecked", "not checked"
@@ -351,11 +353,11 @@ def time_conv(owner, call):
     return _few_frames(call, call.first, None, time_dim=2)[0]
 
 
-def wan_block(owner, call):
-    """WanAttentionBlock: the first sample; PROBE_TOKENS tokens, at most a quarter of the call's (with
-    per-frame modulation, the first tokens of two frames, with those frames' modulation rows), with
-    their RoPE rows; the whole context."""
-    x, e, freqs = call.get("x"), call.get("e"), call.get("freqs")
+def _wan_tokens(call: Call, stream: str) -> Optional[torch.Tensor]:
+    """Cuts a Wan block's call to its probe: the first sample of `stream`, PROBE_TOKENS tokens, at most
+    a quarter of the call's (with per-frame modulation, the first tokens of two frames, with those
+    frames' modulation rows), with their RoPE rows; the whole context. The tokens kept, or None."""
+    x, e, freqs = call.get(stream), call.get("e"), call.get("freqs")
     batch, tokens = x.shape[:2]
     budget = min(PROBE_TOKENS, max(PROBE_CHUNKS, tokens // 4))  # never stock on more than a quarter of the call
     if e.ndim == 4 and 1 < e.shape[1] < tokens:  # one modulation row per latent frame, as repeat_e expands it
@@ -371,7 +373,7 @@ def wan_block(owner, call):
         index = torch.arange(min(tokens, budget))
         e = e[:1, index.to(e.device)] if e.ndim == 4 and e.shape[1] == tokens else e[:1]
     index = index.to(x.device)
-    call.set("x", x[:1, index])
+    call.set(stream, x[:1, index])
     call.set("e", e)
     if isinstance(freqs, torch.Tensor) and freqs.ndim > 1 and freqs.shape[1] == tokens:
         call.set("freqs", freqs[:1, index.to(freqs.device)])
@@ -379,6 +381,73 @@ def wan_block(owner, call):
         return None  # RoPE rows that do not match the tokens one to one (carried tokens): not cut here
     call.set("context", _rows(call.get("context"), slice(0, 1), batch))
     _own_options(call, drop=(KV_CARRY,))  # DualParal's feature cache is not the probe's
+    return index
+
+
+def wan_block(owner, call):
+    """WanAttentionBlock: see _wan_tokens."""
+    return None if _wan_tokens(call, "x") is None else call
+
+
+def vace_block(owner, call):
+    """VaceWanAttentionBlock: its control stream `c` cut as a Wan block's input, and the main stream
+    `x` (which the first VACE block adds to it) to the same tokens."""
+    x, tokens = call.get("x"), call.get("c").shape[1]
+    index = _wan_tokens(call, "c")
+    if index is None or not isinstance(x, torch.Tensor) or x.shape[1] != tokens:
+        return None
+    call.set("x", x[:1, index])
+    return call
+
+
+def _video_part(value, batch: int, grid: tuple, kept: tuple):
+    """A side input of a whole-model call cut like its latent: the first sample, and along its last
+    three axes the latent's kept frames, rows and columns where those axes are the latent's (or the
+    pixels' of its frames, 4 per latent frame after the first and 8 per latent side)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_video_part(v, batch, grid, kept) for v in value)
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value
+    if value.shape[0] == batch:
+        value = value[:1]
+    if value.ndim >= 5:
+        frames, height, width = grid
+        pixel_frames = 4 * (frames - 1) + 1
+        for axis, length, keep, pixels, pixel_keep in zip(
+                (-3, -2, -1), grid, kept, (pixel_frames, 8 * height, 8 * width),
+                (4 * (kept[0] - 1) + 1, 8 * kept[1], 8 * kept[2])):
+            if value.shape[axis] == length:
+                value = value.narrow(axis, 0, keep)
+            elif value.shape[axis] == pixels:
+                value = value.narrow(axis, 0, pixel_keep)
+    return value
+
+
+def dit_model(owner, call):
+    """A whole video DiT (the caller of its blocks): the first sample, WHOLE_MODEL_FRAMES latent frames
+    and WHOLE_MODEL_SIDE rows and columns of its latent, every side input cut alike (VACE context,
+    camera, pose, references, time-concatenated frames), the whole text context; its own
+    transformer_options without wrappers and callbacks (which hold the sampling's state)."""
+    x = call.get(call.first)
+    if not isinstance(x, torch.Tensor) or x.ndim != 5 or call.get("control") is not None:
+        return None
+    batch, _, frames, height, width = x.shape
+    kept = (min(frames, WHOLE_MODEL_FRAMES), min(height, WHOLE_MODEL_SIDE), min(width, WHOLE_MODEL_SIDE))
+    timestep_name = list(call.signature.parameters)[1]
+    timestep = call.get(timestep_name)
+    if isinstance(timestep, torch.Tensor) and timestep.ndim > 1 and timestep.shape[1] > 1:
+        if timestep.shape[1] != frames:
+            return None  # one timestep per token: the blocks are checked one by one
+        call.set(timestep_name, timestep[:1, :kept[0]])
+    else:
+        call.set(timestep_name, _rows(timestep, slice(0, 1), batch))
+    call.set(call.first, x[:1, :, :kept[0], :kept[1], :kept[2]])
+    arguments = dict(call.bound.arguments)
+    arguments.update(arguments.pop(call.extra, None) or {})
+    for name, value in arguments.items():
+        if name not in (call.first, timestep_name, "transformer_options"):
+            call.set(name, _video_part(value, batch, (frames, height, width), kept))
+    _own_options(call, drop=(KV_CARRY, "wrappers", "callbacks"))
     return call
 
 
@@ -388,9 +457,13 @@ class Probe:
     or returns None where this call cannot be cut (checked on a later call). `group`: the maker's
     other patches are this one's companions (checked with it, running as it is decided), and the
     checked blocks inside its module are its members: its first probe runs them all sliced, so one
-    probe checks the whole model; only where that differs from stock does each block get its own."""
+    probe checks the whole model; only where that differs from stock does each block get its own.
+    `caller`: a group whose own patch passes through (whole_model.caller_forward): where its first
+    probe differs from stock, the blocks are wrong in their caller though each may be exact alone,
+    so every member falls back to stock."""
     cut: Callable
     group: bool = False
+    caller: bool = False
 
 
 UNCHECKED_PROBE = None  # a row whose blocks run unchecked (logged once at debug level)
@@ -410,6 +483,8 @@ PROBES = {
     # Wan
     "wan_vae_decode": Probe(wan_vae),
     "wan_block_forward": Probe(wan_block),
+    "vace_block_forward": Probe(vace_block),
+    "caller_forward": Probe(dit_model, group=True, caller=True),
     # diffusers SVD
     "spatio_temporal_resblock_forward": Probe(diffusers_video_block(("temb",))),
     "transformer_spatio_temporal_forward": Probe(diffusers_video_block(("encoder_hidden_states",))),
@@ -636,12 +711,27 @@ class Checker:
                     member.result = _record(member, PASSED, f"checked with {self.where}")
                     member._run = member.sliced
                 return result
+            if self.probe.caller:
+                return self._caller_result(outcome, detail, time.perf_counter() - started)
             log.debug("Streamline self-check: %s with its blocks sliced: %s; checking each block on its own",
                       self.where, detail)
         outcome, detail = self._probe(args, kwargs, fake, ())
         if outcome is None:
             return None
         return _record(self, outcome, detail, time.perf_counter() - started)
+
+    def _caller_result(self, outcome: str, detail: str, seconds: float) -> CheckResult:
+        """A caller probe that did not pass: where it differs, every block inside falls back (the
+        blocks, exact alone or not, are wrong in this caller); where it could not be checked, each
+        block checks itself when it runs."""
+        if outcome != FELL_BACK:
+            return _record(self, outcome, f"{detail}; its blocks are checked one by one", seconds)
+        result = _record(self, FELL_BACK, f"with its {len(self.members)} sliced blocks: {detail}; every block "
+                                          f"inside runs stock", seconds)
+        for member in self.members:
+            member.result = _record(member, FELL_BACK, f"wrong inside {self.where}")
+            member._run = member.stock
+        return result
 
     def _probe(self, args, kwargs, fake: bool, members) -> tuple:
         """(outcome, detail) of a probe with `members` sliced too, or (None, None) where this call

@@ -28,11 +28,14 @@ class SliceSettings:
     group_ops: run chains of ops slice by slice (Operator Grouper) instead of one op at a time.
     offload_frames: grouped video decoders keep their per-frame activations in host memory and
         bring each frame chunk or strip to the compute device only while it is worked on.
+    caller_drops_input: set per block by the family table (registry.Caller), never by a node: the
+        block's caller drops the block's input, so the sliced block may write its output into it.
     """
     frame_chunks: int = AUTO
     strip_chunks: int = AUTO
     group_ops: bool = False
     offload_frames: bool = False
+    caller_drops_input: bool = False
 
     def __post_init__(self):
         for name in ("frame_chunks", "strip_chunks"):

@@ -40,8 +40,10 @@ HOOKS = ("attn1_patch", "attn2_patch")
 
 
 def host_hooks(block: nn.Module) -> dict | None:
-    """{hook: whether the host's stock block calls it}, or None where its code cannot be read."""
-    return _host_hooks(type(block), type(block.self_attn))
+    """{hook: whether the host's stock block calls it}, or None where its code cannot be read (a
+    VACE block runs the Wan block's own forward on its stream)."""
+    wan_block = next((c for c in type(block).__mro__ if c.__name__ == "WanAttentionBlock"), type(block))
+    return _host_hooks(wan_block, type(block.self_attn))
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,10 +68,14 @@ def modulation_chunk(e: torch.Tensor, s: slice, tokens: int) -> torch.Tensor:
     return e[:, torch.arange(s.start, s.stop, device=e.device) // per_row]
 
 
-def may_overwrite_input(x: torch.Tensor, out_dtype: torch.dtype, transformer_options: dict) -> bool:
-    """The output may replace the block's input in place unless something can still read the input:
+def may_overwrite_input(x: torch.Tensor, out_dtype: torch.dtype, transformer_options: dict,
+                        caller_drops_input: bool) -> bool:
+    """The output may replace the block's input in place only where the block's caller drops the
+    input (the family table says which callers do), and unless something else can still read it:
     autograd, a block-replace patch (it is handed the input and may use it after the block), or an
     input whose elements share memory (expanded); or unless the output has another dtype."""
+    if not caller_drops_input:
+        return False
     replaced = any(key[0] == "double_block" for key in transformer_options.get("patches_replace", {}).get("dit", {}))
     expanded = any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape))
     return (not replaced and not expanded and out_dtype == x.dtype
@@ -125,7 +131,7 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
             # wide intermediates exist. A chunk of x is read only by its own chunk of the chain (keys and
             # values are already projected) before that chunk of the output is written.
             out_dtype = torch.promote_types(x.dtype, e[2].dtype)
-            out = x if may_overwrite_input(x, out_dtype, transformer_options) else None
+            out = x if may_overwrite_input(x, out_dtype, transformer_options, settings.caller_drops_input) else None
             if patches.get("attn1_patch"):
                 attended = patched_self_attention(x, attend, chunk_slices(tokens, chunks), k, heads, head_dim,
                                                   patches["attn1_patch"], transformer_options)
@@ -156,6 +162,20 @@ def wan_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
             out = x
         with weights_fetched_once(block, ("norm2", "ffn")):
             return run_stage([feed_forward], x, 1, chunks, settings.group_ops, out=out)
+    return forward
+
+
+def vace_block_forward(block: nn.Module, settings: SliceSettings) -> Callable:
+    """A VACE block (VaceWanAttentionBlock): the sliced Wan block on its control stream `c`, which the
+    first VACE block makes anew (before_proj(c) + x) and the caller replaces with the block's output,
+    so the stream is written in place; the hint projection (after_proj) runs as stock."""
+    sliced = wan_block_forward(block, settings.merged(caller_drops_input=True))
+
+    def forward(c, x, **kwargs):
+        if block.block_id == 0:
+            c = block.before_proj(c) + x
+        c = sliced(c, **kwargs)
+        return block.after_proj(c), c
     return forward
 
 
