@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .host import derives_from
+from .slicing.registry import caller_of
 
 
 WRAPPED = "__rehash_wraps__"  # on each patched forward: the forward it runs on refresh steps
@@ -111,6 +112,19 @@ def _deep_dit_blocks(dit: nn.Module, shallow: int) -> list:
     return [f"blocks.{i}" for i in range(shallow, blocks - shallow)]
 
 
+def _check_dit_caller(model: nn.Module) -> None:
+    """Refuses a DiT whose root adds to the stream between its blocks (a reused residual would hold
+    that and it would be added again) or that the family table does not list or refuses."""
+    _, caller = caller_of(model)
+    if caller is None:
+        raise UnsupportedRehashError(f"{type(model).__name__} is a Wan variant Step Rehash does not know, so it cannot "
+                                     f"show that skipping its blocks is sound: remove the node for it.")
+    reason = caller.refused or caller.between_blocks
+    if reason:
+        raise UnsupportedRehashError(f"Step Rehash does not run on {caller.title} ({caller.name}): {reason}, which "
+                                     f"reusing the deep blocks' residual would get wrong. Remove the node for it.")
+
+
 def rehash_patches(model: nn.Module, settings: RehashSettings, state: RehashState,
                    current: Callable[[str], Callable], prefix: str = "") -> dict:
     """{attribute path: forward} for every layer of the deep part; `current(path)` is the forward
@@ -131,6 +145,7 @@ def rehash_patches(model: nn.Module, settings: RehashSettings, state: RehashStat
                 patches[path] = _kept_forward(inner(path), state) if keeps else _deep_forward(inner(path), state)
         return patches
     if derives_from(model, "WanModel"):
+        _check_dit_caller(model)
         deep = _deep_dit_blocks(model, settings.shallow_blocks)
         return {f"{prefix}{block}.forward": _residual_forward(inner(f"{prefix}{block}.forward"), state,
                                                               first=block == deep[0], last=block == deep[-1])

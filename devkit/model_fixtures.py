@@ -96,7 +96,21 @@ WAN_VARIANTS = {  # variant -> (ComfyUI model config class, config changes)
     # VACE: a control stream through vace_blocks, its hints added after the main blocks they map to
     "2.1 vace": ("WAN21_Vace", {"model_type": "vace", "vace_layers": 2, "vace_in_dim": 96}),
     "2.1 fun camera": ("WAN21_Camera", {"model_type": "camera", "in_dim": 32}),
+    "2.2 s2v": ("WAN22_S2V", {"model_type": "s2v"}),
+    "2.2 animate": ("WAN22_Animate", {"model_type": "animate", "in_dim": 36}),
+    "2.1 scail": ("WAN21_SCAIL", {"model_type": "scail", "in_dim": 20}),
+    "2.2 wandancer": ("WAN22_WanDancer", {"model_type": "wandancer", "in_dim": 36}),
+    "2.1 humo": ("WAN21_HuMo", {"model_type": "humo"}),
+    "animate 2": ("WAN_Animate2", {"model_type": "animate2", "in_dim": 36}),
+    "2.1 causal forcing": ("WAN21_CausalAR_T2V", {"causal_ar": True}),
 }
+
+
+def host_has_wan_variant(variant: str) -> bool:
+    """Whether the ComfyUI under test has the model config class of a WAN_VARIANTS entry."""
+    import_comfyui()
+    import comfy.supported_models as sm
+    return hasattr(sm, WAN_VARIANTS[variant][0])
 
 
 def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0, variant: str = "2.1 t2v",

@@ -53,6 +53,11 @@ def _context(positive, negative, both_sides: bool) -> torch.Tensor:
     return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in texts]).float()
 
 
+# conditioning entries a plain Wan model takes that the ranks are not sent
+UNSENT_CONDITIONING = {"context_latents": "Bernini-R's in-context references (context_latents)",
+                       "reference_latents": "reference latents (reference_latents)"}
+
+
 def _image_conditioning(model, positive, negative, samples: torch.Tensor, both_sides: bool) -> tuple:
     """(c_concat, clip_fea) of an image-to-video Wan model, each None where absent, as ComfyUI's own
     model makes them from the conditioning (WanImageToVideo's concat_latent_image / concat_mask /
@@ -61,6 +66,10 @@ def _image_conditioning(model, positive, negative, samples: torch.Tensor, both_s
     if embedding is None:  # not a Wan model: the request's check says so
         return None, None
     sides = [positive] + ([negative] if both_sides else [])
+    unsent = sorted({key for side in sides for key in UNSENT_CONDITIONING if key in side[0][1]})
+    if unsent:
+        raise DualParalError(f"the conditioning carries {', '.join(UNSENT_CONDITIONING[k] for k in unsent)}, which "
+                             f"DualParal's ranks do not take yet (the result would ignore them): use KSampler for it.")
     try:
         conds = [model.model.extra_conds(noise=torch.zeros_like(samples), latent_image=samples,
                                          device=torch.device("cpu"), **side[0][1]) for side in sides]

@@ -36,6 +36,11 @@ def _forward_wrapper(executor, *args, **kwargs):
     sample_sigmas, sigmas = options.get("sample_sigmas"), options.get("sigmas")
     step = None if sample_sigmas is None or sigmas is None else step_index(sigmas, sample_sigmas)
     refresh = step is None or holder.settings.refreshes(step, len(sample_sigmas) - 1)
+    if options.get("patches", {}).get("double_block"):  # adds to the stream after every block (Uni3C)
+        if not holder.state.full_calls:
+            log.warning("Step Rehash: a double_block patch adds to the stream after every block, which a reused "
+                        "residual would add again; every step runs whole.")
+        refresh = True
     holder.state.begin((tuple(options.get("cond_or_uncond", ())), tuple(args[0].shape)), refresh)
     try:
         return executor(*args, **kwargs)

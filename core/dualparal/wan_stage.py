@@ -17,7 +17,7 @@ from torch import nn
 from ..kv_carry import KV_CARRY, KVCarry
 from ..patching import patches_applied
 from ..slicing import slicing_applied
-from ..slicing.registry import FAMILIES, family_of
+from ..slicing.registry import FAMILIES, caller_of
 from ..slicing.wan import project_keys_values
 from ..host import host_function
 from .memory import peak_memory
@@ -27,11 +27,14 @@ from .wire import MalformedMessage, dtype_from_name, dtype_name
 
 def check_supported(model: nn.Module, latent_shape: tuple, image_channels: int = 0) -> None:
     """`image_channels`: of the image conditioning concatenated to the input (WanImageToVideo's)."""
-    family = family_of(model)  # the family's own root class: subclasses (VACE, camera) run other forwards
+    family, caller = caller_of(model)  # the family's own root class: subclasses (VACE, camera) run other forwards
     if (family is None or not family.pipeline_parts or type(model).__name__ != family.root
             or not all(hasattr(model, part) for part in family.pipeline_parts)):
-        raise DualParalError(f"DualParal runs ComfyUI's Wan 2.1 / 2.2 DiT (text- or image-to-video); this MODEL "
-                             f"holds {type(model).__name__}. Load a Wan model (e.g. wan2.1_t2v_1.3B).")
+        loaded = f"{caller.title} ({caller.name})" if caller else type(model).__name__
+        raise DualParalError(f"DualParal runs ComfyUI's plain Wan 2.1 / 2.2 DiT (text- or image-to-video); this MODEL "
+                             f"is {loaded}, whose forward takes inputs of its own that the ranks do not run. Use "
+                             f"KSampler for it (Feature Slicer + Operator Grouper lower its memory where they "
+                             f"support it).")
     if model.patch_embedding.in_channels != model.out_dim + image_channels:
         raise DualParalError(f"the model takes {model.patch_embedding.in_channels} input channels, the latent and its "
                              f"image conditioning give {model.out_dim + image_channels}: an image-to-video model "

@@ -130,11 +130,11 @@ WAN_CALLERS = (
     Caller("SCAIL2WanModel", "Wan SCAIL 2"),
     Caller("WanDancerModel", "WanDancer", between_blocks="WanDancer injects music into the stream between its blocks"),
     Caller("HumoWanModel", "Wan HuMo", refused="its blocks run an audio cross-attention of their own "
-           "(WanAttentionBlockAudio), which Streamline does not slice yet"),
+           "(WanAttentionBlockAudio), not covered yet"),
     Caller("WanAnimate2Model", "Wan Animate 2", refused="its blocks run separate pose and generation branches "
-           "(forward_pose / forward_gen), which Streamline does not slice yet"),
-    Caller("CausalWanModel", "Wan Causal Forcing", refused="its blocks keep a causal key/value cache across calls, "
-           "which Streamline does not slice yet"),
+           "(forward_pose / forward_gen), not covered yet"),
+    Caller("CausalWanModel", "Wan Causal Forcing", refused="its blocks keep a causal key/value cache "
+           "across calls, not covered yet"),
 )
 
 FAMILIES = (
