@@ -193,7 +193,7 @@ def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
 
     inputs = dict(positive=POSITIVE, negative=NEGATIVE, seed=0, steps=2, cfg=4.0, sampler_name="euler",
                   scheduler="simple", devices="cpu:1", frames_per_block=2, cache_frames=1, denoise=1.0)
-    with pytest.raises(ValueError, match="DualParal runs ComfyUI's Wan 2.1 / 2.2 DiT .text- or image-to-video.; this MODEL holds UNetModel"):
+    with pytest.raises(ValueError, match="DualParal runs ComfyUI's plain Wan 2.1 / 2.2 DiT .text- or image-to-video.; this MODEL is UNetModel"):
         DualParalSampler.execute(model=patcher(build_svd("tiny")), latent_image=empty_latent(4), **inputs)
     masked = {**empty_latent(4), "noise_mask": torch.ones(1, 1, 4, 4, 6)}
     with pytest.raises(ValueError, match="noise mask"):

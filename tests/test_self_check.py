@@ -113,10 +113,11 @@ def test_a_broken_wan_block_runs_stock_and_the_log_names_it(self_check, wan_mode
         first = wan_forward(sliced, 5, 6, 10)
     again = wan_forward(sliced, 5, 6, 10)
     assert relative_difference(first, stock) <= TOLERANCE and relative_difference(again, stock) <= TOLERANCE
-    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.PASSED,
+    assert outcomes(self_check, since) == {"diffusion_model": self_check.PASSED,  # the whole model
+                                           "diffusion_model.blocks.0": self_check.PASSED,
                                            "diffusion_model.blocks.1": self_check.FELL_BACK}
     assert_warned(caplog, "WanAttentionBlock at diffusion_model.blocks.1 (forward)")
-    assert len(self_check.results(since)) == 2  # checked once, on the first call only
+    assert len(self_check.results(since)) == 3  # checked once (each block, the whole model), on the first call only
 
 
 def test_out_of_memory_during_a_probe_leaves_the_block_sliced_and_unchecked(self_check, wan_model, monkeypatch,
@@ -131,7 +132,8 @@ def test_out_of_memory_during_a_probe_leaves_the_block_sliced_and_unchecked(self
     with caplog.at_level(logging.WARNING):
         out = wan_forward(node_output(FeatureSlicer, wan_model, 3, 0), 5, 6, 10)
     assert relative_difference(out, stock) <= TOLERANCE
-    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.PASSED,
+    assert outcomes(self_check, since) == {"diffusion_model": self_check.PASSED,  # the whole model
+                                           "diffusion_model.blocks.0": self_check.PASSED,
                                            "diffusion_model.blocks.1": self_check.NOT_CHECKED}
     assert any("blocks.1" in r.getMessage() and "out of memory" in r.getMessage() and "unchecked" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
@@ -150,7 +152,8 @@ def test_an_interrupt_during_a_probe_stops_the_prompt_and_the_next_call_checks(s
         wan_forward(sliced, 5, 6, 10)
     assert self_check.results(since) == []
     assert relative_difference(wan_forward(sliced, 5, 6, 10), stock) <= TOLERANCE
-    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.PASSED,
+    assert outcomes(self_check, since) == {"diffusion_model": self_check.PASSED,  # the whole model
+                                           "diffusion_model.blocks.0": self_check.PASSED,
                                            "diffusion_model.blocks.1": self_check.PASSED}
 
 
@@ -163,7 +166,8 @@ def test_a_block_with_active_dropout_is_not_compared(self_check, caplog):
     since = self_check.mark()
     with caplog.at_level(logging.WARNING):
         wan_forward(node_output(FeatureSlicer, model, 3, 0), 5, 6, 10)
-    assert outcomes(self_check, since) == {"diffusion_model.blocks.0": self_check.NOT_CHECKED,
+    assert outcomes(self_check, since) == {"diffusion_model": self_check.NOT_CHECKED,  # the whole model holds the dropout
+                                           "diffusion_model.blocks.0": self_check.NOT_CHECKED,
                                            "diffusion_model.blocks.1": self_check.PASSED}
     assert any("dropout is active" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
@@ -381,8 +385,9 @@ def test_correct_replacements_pass_their_probe_with_no_warning_and_unchanged_out
 
 
 def test_the_probe_never_runs_stock_on_the_full_input(self_check, wan_model):
-    """The stock block runs on the probe only (PROBE_TOKENS of this call's 1,152 tokens), never on the
-    whole call: the check costs no stock-size memory."""
+    """The stock block runs on the probes only (PROBE_TOKENS of this call's 1,152 tokens, and the whole
+    model's probe of 2 frames x 4 x 4 tokens), never on the whole call: the check costs no stock-size
+    memory."""
     from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing
 
     model = build_wan("tiny").diffusion_model
@@ -399,7 +404,8 @@ def test_the_probe_never_runs_stock_on_the_full_input(self_check, wan_model):
         apply_slicing(model, SliceSettings(group_ops=True))
         model(x, torch.tensor([0.3]), context)
         remove_slicing(model)
-    assert seen == [self_check.PROBE_TOKENS] * len(model.blocks)
+    whole_model_probe = self_check.WHOLE_MODEL_FRAMES * (self_check.WHOLE_MODEL_SIDE // 2) ** 2  # 2x2 patches
+    assert seen == [self_check.PROBE_TOKENS] * len(model.blocks) + [whole_model_probe] * len(model.blocks)
 
 
 def test_a_row_marked_unchecked_runs_sliced_and_says_so_at_debug_level(self_check, monkeypatch, caplog):
@@ -414,7 +420,8 @@ def test_a_row_marked_unchecked_runs_sliced_and_says_so_at_debug_level(self_chec
         stock = model(x, torch.tensor([0.3]), context)
         apply_slicing(model, SliceSettings(frame_chunks=2))
         assert relative_difference(model(x, torch.tensor([0.3]), context), stock) <= TOLERANCE
-    assert self_check.results(since) == []  # nothing checked, nothing to report
+    # no block checked, nothing to report but the whole model's check (its row has a probe)
+    assert [r.block for r in self_check.results(since)] == ["WanModel"]
     debug = [r for r in caplog.records if "wan_block_forward" in r.getMessage() and "unchecked" in r.getMessage()]
     assert len(debug) == 1 and debug[0].levelno == logging.DEBUG
 

@@ -164,3 +164,16 @@ def test_the_memory_planner_refuses_vace_before_any_work(pack):
     latent = {"samples": torch.zeros(1, 16, FRAMES, HEIGHT, WIDTH)}
     with pytest.raises(ValueError, match=r"^Memory Planner: Wan VACE \(VaceWanModel\) takes inputs of its own"):
         node_output(MemoryPlanner, model_of("2.1 vace"), latent, 8.0, True)
+
+
+def test_dualparal_refuses_vace_and_bernini_references_before_any_process(pack):
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+    positive = [[torch.randn(1, 12, WAN_TEXT_DIM), {}]]
+    inputs = dict(negative=positive, latent_image={"samples": torch.zeros(1, 16, 4, 4, 6)}, seed=0, steps=2, cfg=4.0,
+                  sampler_name="euler", scheduler="simple", devices="cpu:1", frames_per_block=2, cache_frames=1,
+                  denoise=1.0)
+    with pytest.raises(ValueError, match=r"this MODEL is Wan VACE \(VaceWanModel\).*Use KSampler for it"):
+        DualParalSampler.execute(model=model_of("2.1 vace", layers=2), positive=positive, **inputs)
+    references = [[positive[0][0], {"context_latents": [torch.zeros(1, 16, 1, 4, 6)]}]]
+    with pytest.raises(ValueError, match="Bernini-R's in-context references .context_latents.*use KSampler"):
+        DualParalSampler.execute(model=model_of("2.1 t2v", layers=2), positive=references, **inputs)

@@ -58,6 +58,7 @@ VIDEO_FRAMES = 5  # latent frames of a video decoder's probe: the Wan VAE's firs
 PROBE_TOKENS = 256  # tokens of a DiT block's probe (per-frame modulation: 2 frames of 128)
 # a whole DiT's probe: latent frames and rows / columns kept (Wan's 2x2 patches: 2 x 4 x 4 tokens)
 WHOLE_MODEL_FRAMES, WHOLE_MODEL_SIDE = 2, 8
+WHOLE_MODEL_TEXT_TOKENS = 16  # of the text context, raw (wider than the model: 4096 features for Wan)
 PROBE_CHUNKS = 2  # frame / token chunks and strips / bands of a probe: a border each (fewer where an axis is shorter)
 
 PASSED, FELL_BACK, UNCHECKED, NOT_CHECKED = "passed", "fell back to stock", "unchecked", "not checked"
@@ -426,7 +427,7 @@ def _video_part(value, batch: int, grid: tuple, kept: tuple):
 def dit_model(owner, call):
     """A whole video DiT (the caller of its blocks): the first sample, WHOLE_MODEL_FRAMES latent frames
     and WHOLE_MODEL_SIDE rows and columns of its latent, every side input cut alike (VACE context,
-    camera, pose, references, time-concatenated frames), the whole text context; its own
+    camera, pose, references, time-concatenated frames), the first WHOLE_MODEL_TEXT_TOKENS text tokens; its own
     transformer_options without wrappers and callbacks (which hold the sampling's state)."""
     x = call.get(call.first)
     if not isinstance(x, torch.Tensor) or x.ndim != 5 or call.get("control") is not None:
@@ -447,6 +448,9 @@ def dit_model(owner, call):
     for name, value in arguments.items():
         if name not in (call.first, timestep_name, "transformer_options"):
             call.set(name, _video_part(value, batch, (frames, height, width), kept))
+    context = call.get("context")
+    if isinstance(context, torch.Tensor) and context.ndim == 3:  # raw text features: 4096 wide for Wan's 512
+        call.set("context", context[:, :WHOLE_MODEL_TEXT_TOKENS])
     _own_options(call, drop=(KV_CARRY, "wrappers", "callbacks"))
     return call
 
@@ -665,8 +669,25 @@ class Checker:
         overrides = getattr(_local, "overrides", None)
         if overrides is not None:  # inside another block's probe: stock, or that probe's own companion
             return overrides.get(self, self.stock)(*args, **kwargs)
+        if self._run is None and getattr(self.probe, "caller", False):
+            return self._call_then_check_caller(args, kwargs)
         run = self._run or self._resolve(args, kwargs)
         return run(*args, **kwargs)
+
+    def _call_then_check_caller(self, args, kwargs):
+        """A caller (Probe.caller): the real call first, in which its blocks check themselves, then
+        its probe with each block as decided; where that falls back, the call again, every block
+        stock. Its own pass-through runs either way."""
+        output = self.sliced(*args, **kwargs)
+        with _lock:
+            if self._run is None:
+                self.result = self._check(args, kwargs)
+                if self.result is not None:
+                    self._run = self.sliced
+        if self.result is not None and self.result.fell_back:
+            del output
+            output = self.sliced(*args, **kwargs)
+        return output
 
     def _resolve(self, args, kwargs) -> Callable:
         if self.leader is not None:  # decided with the group's leader
@@ -704,6 +725,8 @@ class Checker:
             outcome, detail = self._probe(args, kwargs, fake, self.members)
             if outcome is None:
                 return None
+            if self.probe.caller:
+                return self._caller_result(outcome, detail, time.perf_counter() - started)
             if outcome == PASSED:
                 result = _record(self, PASSED, f"{detail}; with the {len(self.members)} sliced blocks inside it",
                                  time.perf_counter() - started)
@@ -711,8 +734,6 @@ class Checker:
                     member.result = _record(member, PASSED, f"checked with {self.where}")
                     member._run = member.sliced
                 return result
-            if self.probe.caller:
-                return self._caller_result(outcome, detail, time.perf_counter() - started)
             log.debug("Streamline self-check: %s with its blocks sliced: %s; checking each block on its own",
                       self.where, detail)
         outcome, detail = self._probe(args, kwargs, fake, ())
@@ -721,14 +742,14 @@ class Checker:
         return _record(self, outcome, detail, time.perf_counter() - started)
 
     def _caller_result(self, outcome: str, detail: str, seconds: float) -> CheckResult:
-        """A caller probe that did not pass: where it differs, every block inside falls back (the
-        blocks, exact alone or not, are wrong in this caller); where it could not be checked, each
-        block checks itself when it runs."""
+        """A caller's probe, its blocks as each decided alone: where it differs, the blocks still
+        sliced are wrong in this caller (exact alone or not) and every one falls back to stock."""
         if outcome != FELL_BACK:
-            return _record(self, outcome, f"{detail}; its blocks are checked one by one", seconds)
-        result = _record(self, FELL_BACK, f"with its {len(self.members)} sliced blocks: {detail}; every block "
-                                          f"inside runs stock", seconds)
-        for member in self.members:
+            return _record(self, outcome, f"{detail}; with the sliced blocks inside it", seconds)
+        sliced = [m for m in self.members if not (m.result is not None and m.result.fell_back)]
+        result = _record(self, FELL_BACK, f"with its {len(sliced)} sliced blocks: {detail}; every block inside "
+                                          f"runs stock", seconds)
+        for member in sliced:
             member.result = _record(member, FELL_BACK, f"wrong inside {self.where}")
             member._run = member.stock
         return result
@@ -772,7 +793,8 @@ class Checker:
                     checker.module, ProbeSettings.of(checker.settings))
             return patches.get(checker.key)
         sliced = probe_forward(self)
-        overrides = {c: probe_forward(c) for c in (*self.companions, *members)}
+        overrides = {c: c.stock if c.result is not None and c.result.fell_back else probe_forward(c)
+                     for c in (*self.companions, *members)}
         overrides = {c: forward for c, forward in overrides.items() if forward is not None}
         with torch.no_grad():
             with _probing({}):
