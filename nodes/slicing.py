@@ -77,7 +77,7 @@ def sliced_model(model, node: str, **changes):
 def sliced_vae(vae, node: str, settings: SliceSettings):
     try:
         with self_check.tagged(_made_by(node)):
-            patches = slicing_patches(vae.first_stage_model, settings)
+            patches = slicing_patches(vae.first_stage_model, settings, input_type="VAE")
     except UnsupportedModelError as error:
         raise ValueError(f"{node}: {error}") from None
     clone = copy.copy(vae)

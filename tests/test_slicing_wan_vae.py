@@ -84,7 +84,7 @@ def test_wan_vae_with_attention_in_the_upsampling_path_is_refused(pack):
 def test_vae_slicer_rejects_an_image_vae(pack):
     from comfyui_streamline.nodes.slicing import VAESlicer
 
-    with pytest.raises(ValueError, match="VAE Slicer: TAESD has no video blocks .* Supported: .*Wan 2.1 / 2.2 VAE"):
+    with pytest.raises(ValueError, match="VAE Slicer: this VAE is TAESD, which Streamline cannot slice .it slices .*Wan 2.1 / 2.2 VAE.; it runs stock"):
         VAESlicer.execute(build_image_vae(), 0, 0, True, False)
 
 

@@ -68,7 +68,7 @@ def test_vae_slicer_on_an_unsupported_vae_fails_clearly_and_the_next_prompt_runs
     wan["2"]["inputs"]["vae_name"] = "streamline_taesd_image_vae.safetensors"
     failed = comfy_server.run(wan)
     assert failed.status == "error"
-    assert "VAE Slicer: TAESD has no video blocks that Streamline can slice" in failed.error["exception_message"]
+    assert "VAE Slicer: this VAE is TAESD, which Streamline cannot slice" in failed.error["exception_message"]
     assert "Traceback" not in failed.error["exception_message"]
     assert comfy_server.run(load_workflow(SVD, stock=True)).status == "success"
 
