@@ -21,6 +21,22 @@ def save_wan_i2v_diffusion_model(path: Path, seed: int = 0) -> Path:
     return _save(build_wan("tiny", seed=seed, variant="2.1 i2v").diffusion_model.state_dict(), Path(path), torch.float16)
 
 
+def save_wan_lora(path: Path, variant: str, rank: int = 4, seed: int = 0) -> Path:
+    """A LoRA (kohya key names, as the CausVid LoRAs the VACE templates load) for some of the linear
+    layers of the tiny Wan `variant`'s blocks, VACE blocks included."""
+    import torch
+    model = build_wan("tiny", variant=variant).diffusion_model
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(("self_attn.q", "cross_attn.v", "ffn.0")):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.05
+            state[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.05
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    return _save(state, Path(path), torch.float16)
+
+
 # Tiny random-weight models under the names ComfyUI's own templates (and this pack's example workflows)
 # give the real files; the two Wan 2.2 A14B experts are Wan 2.1-structured DiTs.
 OFFICIAL_NAME_FIXTURES = {
@@ -34,6 +50,9 @@ OFFICIAL_NAME_FIXTURES = {
         p, seed=5, variant="2.2 i2v A14B"),
     "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors": lambda p: save_wan_diffusion_model(
         p, seed=6, variant="2.2 i2v A14B"),
+    "diffusion_models/wan2.1_vace_14B_fp16.safetensors": lambda p: save_wan_diffusion_model(p, seed=7,
+                                                                                           variant="2.1 vace"),
+    "loras/Wan21_CausVid_14B_T2V_lora_rank32.safetensors": lambda p: save_wan_lora(p, "2.1 vace"),
     "vae/wan_2.1_vae.safetensors": lambda p: save_wan_vae(p, seed=0),
     "checkpoints/svd_xt.safetensors": lambda p: save_svd_checkpoint(p, seed=0),
 }

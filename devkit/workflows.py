@@ -102,24 +102,42 @@ def _widget_values(node: dict, object_info: dict | None = None) -> dict:
     return found
 
 
+MUTED, BYPASSED = 2, 4  # LiteGraph node modes: left out; left out with each output fed by its input of that type
+
+
+def _source(nodes: dict, links: dict, link_id: int):
+    """(node id, slot) feeding a link, through bypassed nodes (None where a bypassed node has no input
+    of the output's type, or the source is muted)."""
+    _, source, slot, *_, kind = links[link_id]
+    node = nodes[source]
+    if node.get("mode", 0) == MUTED:
+        return None
+    if node.get("mode", 0) == BYPASSED:
+        feeding = next((i for i in node.get("inputs", []) if i.get("type") == kind and i.get("link") is not None),
+                       None)
+        return None if feeding is None else _source(nodes, links, feeding["link"])
+    return str(source), slot
+
+
 def ui_to_api(workflow: dict, object_info: dict | None = None) -> dict:
-    """The API prompt the frontend queues for a UI workflow (no subgraphs or muted nodes). Files whose
-    nodes do not list their widget inputs (older frontends) need the server's `object_info`."""
+    """The API prompt the frontend queues for a UI workflow (no subgraphs): muted nodes left out,
+    bypassed ones too with their consumers fed by their input of the same type. Files whose nodes do
+    not list their widget inputs (older frontends) need the server's `object_info`."""
     if workflow.get("definitions", {}).get("subgraphs"):
         raise ValueError("subgraphs are not converted")
     links = {link[0]: link for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node["type"] in VIRTUAL_NODES:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (MUTED, BYPASSED):
             continue
-        if node.get("mode", 0) != 0:
-            raise ValueError(f"node {node['id']} ({node['type']}) is muted or bypassed")
         widgets = _widget_values(node, object_info)
         inputs = {name: value for name, value in widgets.items() if name not in FRONTEND_ONLY_WIDGETS}
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
-                _, source, source_slot, *_ = links[slot["link"]]
-                inputs[slot["name"]] = [str(source), source_slot]
+                source = _source(nodes, links, slot["link"])
+                if source is not None:
+                    inputs[slot["name"]] = list(source)
         prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
                                    "_meta": {"title": node.get("title") or node["type"]}}
     return prompt
