@@ -262,6 +262,25 @@ def save_wan_diffusion_model(path: Path, size: str = "tiny", dtype=torch.float16
     return _save(build_wan(size, seed=seed, variant=variant).diffusion_model.state_dict(), Path(path), dtype)
 
 
+def save_wan_fp8_scaled(path: Path, seed: int = 0, variant: str = "2.1 t2v") -> Path:
+    """A Wan diffusion model in ComfyUI's fp8_scaled layout (the official *_fp8_scaled.safetensors files):
+    each block's linear weights in float8_e4m3fn with a per-layer `scale_weight`, the rest fp16, and the
+    `scaled_fp8` marker the loader detects (0.33 converts it to its quantized layer classes)."""
+    from safetensors.torch import save_file
+    state = {}
+    for key, value in build_wan("tiny", seed=seed, variant=variant).diffusion_model.state_dict().items():
+        if key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max().float() / 448.0  # e4m3's largest finite value
+            state[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            state[key[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            state[key] = value.to(torch.float16)
+    state["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)  # two elements: full-precision matmul
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return Path(path)
+
+
 def save_wan_vae(path: Path, size: str = "tiny", dtype=torch.float16, seed: int = 0) -> Path:
     """A Wan 2.1 VAE for VAELoader (models/vae/)."""
     return _save(build_wan_vae(size, seed).first_stage_model.state_dict(), Path(path), dtype)

@@ -177,3 +177,19 @@ def test_dualparal_refuses_vace_and_bernini_references_before_any_process(pack):
     references = [[positive[0][0], {"context_latents": [torch.zeros(1, 16, 1, 4, 6)]}]]
     with pytest.raises(ValueError, match="Bernini-R's in-context references .context_latents.*use KSampler"):
         DualParalSampler.execute(model=model_of("2.1 t2v", layers=2), positive=references, **inputs)
+
+
+def test_fp8_scaled_weights_are_sliced_exactly(pack, tmp_path):
+    """The official *_fp8_scaled files, loaded as ComfyUI loads them (0.3.75: its scaled_fp8 layers;
+    0.33: its quantized layer classes): sliced equals stock on the same weights."""
+    import comfy.model_management
+    import comfy.sd
+    from devkit.model_fixtures import save_wan_fp8_scaled
+
+    model = comfy.sd.load_diffusion_model(str(save_wan_fp8_scaled(tmp_path / "wan2.1_t2v_fp8_scaled.safetensors")))
+    query = model.model.diffusion_model.blocks[0].self_attn.q
+    assert torch.float8_e4m3fn in (query.weight.dtype, getattr(query.weight, "_qdata", query.weight).dtype)
+    comfy.model_management.load_models_gpu([model])
+    stock = forward(model, "2.1 t2v")
+    comfy.model_management.load_models_gpu([sliced(model)])
+    assert relative_difference(forward(sliced(model), "2.1 t2v"), stock) <= TOLERANCE
