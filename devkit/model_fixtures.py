@@ -114,13 +114,14 @@ def host_has_wan_variant(variant: str) -> bool:
 
 
 def build_wan(size: str = "tiny", dtype=torch.float32, device: str = "cpu", seed: int = 0, variant: str = "2.1 t2v",
-              layers: int | None = None):
+              layers: int | None = None, **config_changes):
     """ComfyUI's Wan BaseModel (WanModel inside `.diffusion_model`): Wan 2.1 text-to-video unless
-    `variant` names another of WAN_VARIANTS; `layers` overrides the number of transformer blocks."""
+    `variant` names another of WAN_VARIANTS; `layers` overrides the number of transformer blocks,
+    `config_changes` other entries of the config (e.g. vace_layers)."""
     import_comfyui()
     import comfy.supported_models as sm
     config_class, changes = WAN_VARIANTS[variant]
-    config = {**WAN_CONFIGS[size], **changes, **({"num_layers": layers} if layers else {})}
+    config = {**WAN_CONFIGS[size], **changes, **({"num_layers": layers} if layers else {}), **config_changes}
     return _build(getattr(sm, config_class), config, dtype, device, seed)
 
 
