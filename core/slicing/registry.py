@@ -91,7 +91,8 @@ class Family:
         predictor runs two of them.
     pipeline_parts: what a DualParal rank stage uses of the model (empty: DualParal refuses it);
     pipeline_classes: the host classes (module.Class) a cluster rank may rebuild from a request.
-    input: the ComfyUI input type a node slices the family through (MODEL or VAE)."""
+    input: the ComfyUI input type a node slices the family through (MODEL or VAE; "diffusers": the
+        plain-torch API only)."""
     name: str
     signature: Callable[[nn.Module], bool]
     rules: tuple
@@ -191,7 +192,7 @@ FAMILIES = (
     ),
     Family(
         "diffusers SVD (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder)",
-        signature=_is("SpatioTemporalResBlock", "spatial_res_block", "temporal_res_block"),
+        signature=_is("SpatioTemporalResBlock", "spatial_res_block", "temporal_res_block"), input="diffusers",
         rules=(
             BlockRule(_is("SpatioTemporalResBlock", "spatial_res_block", "temporal_res_block"),
                       _forward(spatio_temporal_resblock_forward)),
@@ -333,7 +334,7 @@ def apply_slicing(target, settings: SliceSettings):
     if not plans:
         raise UnsupportedModelError(
             f"{type(target).__name__} has no model with video blocks that Streamline can slice (it slices "
-            f"{supported('MODEL')}; {supported('VAE')}).")
+            f"{supported('MODEL')}, {supported('VAE')}, {supported('diffusers')}).")
     for model, patches in plans:
         remove_slicing(model)
         setattr(model, _INSTALLED, [(owner, attribute) for owner, attribute, _ in install(model, patches)])
