@@ -13,7 +13,7 @@ from comfy_api.v0_0_2 import io
 
 from ..core.dualparal import (SAMPLERS, BlockPlan, DualParalError, DualParalRequest, Sampling, check_allowed,
                               check_sampler, cluster_address, expert_phases, flow_spec, parse_devices, rank_weight_bytes,
-                              read_key, run_in_process, run_in_workers, run_on_cluster)
+                              read_key, run_in_process, run_in_workers, run_on_cluster, WorkerError)
 from .dualparal_guidance import check_guidance, host_guidance, needs_unconditional
 from .planner import OOM_RETRY_KEY
 from .slicing import SETTINGS_KEY
@@ -406,7 +406,7 @@ class DualParalSampler(io.ComfyNode):
             latent, stats, seconds = sample(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                             scheduler, devices, frames_per_block, cache_frames, denoise,
                                             low_noise_model, low_noise_from_step, experts_on_ranks)
-        except DualParalError as error:
+        except (DualParalError, WorkerError) as error:  # shown with the node's name, not the internal type
             raise ValueError(f"DualParal Multi-GPU Sampler: {error}") from None
         if not stats:
             return io.NodeOutput(latent, "DualParal: denoise 0, the latent is returned unchanged")

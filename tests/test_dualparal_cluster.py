@@ -140,6 +140,37 @@ def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_ref
     assert len(cluster.ranks()) == 2
 
 
+def test_ten_idle_strangers_do_not_delay_a_key_holder_and_are_closed_at_their_deadline(wan2, cluster):
+    """Rank 0 authenticates each connection in a thread of its own with a deadline: a key holder is
+    greeted while ten strangers that connected first and sent nothing are still waiting, the prompt
+    samples, and each stranger is closed once its handshake deadline passes."""
+    from comfyui_streamline.core.dualparal.peer_connections import authenticated_connection, next_message
+    from comfyui_streamline.core.dualparal import wire
+
+    strangers = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(10)]
+    try:
+        with authenticated_connection(("127.0.0.1", cluster.port), KEY.encode(), lambda: None) as holder:
+            greeting, _ = wire.decode(next_message(holder, lambda: None, "the greeting", timeout_s=60))
+        assert greeting["kind"] == "devices" and len(greeting["devices"]) == 2
+        for stranger in strangers:  # still connected, still unanswered (challenged only)
+            stranger.settimeout(0)
+            try:
+                assert stranger.recv(1 << 16), "a stranger was closed before the key holder was greeted"
+            except BlockingIOError:
+                pass
+        one, _, _ = dualparal(wan2, empty_latent(5), "cpu:1", steps=2)
+        ours, _, _ = dualparal(wan2, empty_latent(5), cluster.address, steps=2)
+        assert relative_difference(ours["samples"], one["samples"]) <= SAMPLING_TOLERANCE
+        for stranger in strangers:
+            stranger.settimeout(60)
+            while stranger.recv(1 << 16):  # the challenge, then the close at the deadline
+                pass
+    finally:
+        for stranger in strangers:
+            stranger.close()
+    assert len(cluster.ranks()) == 2  # the cluster serves on
+
+
 def test_a_killed_rank_on_the_other_node_ends_the_run_with_a_clear_error(wan2, cluster):
     from comfyui_streamline.core.dualparal.processes import WorkerError
 

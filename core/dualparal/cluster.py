@@ -19,7 +19,7 @@ import os
 import socket
 from dataclasses import asdict
 from datetime import timedelta
-from multiprocessing.connection import AuthenticationError, Connection, Listener
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .peer_connections import REPLY_TIMEOUT_S, Doorman
 from .samplers import check_sampler
 from .schedule import DualParalError
 from .wan_stage import rank_model, rank_model_description, rebuild_rank_model
@@ -52,8 +53,8 @@ def cluster_address(devices: str) -> Optional[tuple]:
     if not text.lower().startswith(CLUSTER_PREFIX):
         return None
     host, _, port = text[len(CLUSTER_PREFIX):].rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DualParalError(f"devices '{text}': write torchrun://HOST:PORT with a port from 1 to 65535, where rank 0 "
+    if not host or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+        raise DualParalError(f"devices '{text[:60]}': write torchrun://HOST:PORT with a port from 1 to 65535, where rank 0 "
                              f"of the torchrun cluster listens (e.g. torchrun://10.0.0.1:{DEFAULT_PORT}).")
     return host.strip("[]"), int(port)
 
@@ -82,17 +83,14 @@ def check_allowed(address: tuple, allow_file: Path) -> None:
     allowed = {entry.strip().lower() for entry in entries if entry.strip() and not entry.strip().startswith("#")}
     host, port = address
     if f"{host}:{port}".lower() not in allowed and f"[{host}]:{port}".lower() not in allowed:
-        raise DualParalError(f"the workflow sends the model to torchrun://{host}:{port}, which this ComfyUI does not "
-                             f"allow: if that cluster is yours, add the line {host}:{port} to {allow_file} (or to "
+        entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets
+        raise DualParalError(f"the workflow sends the model to torchrun://{entry}, which this ComfyUI does not "
+                             f"allow: if that cluster is yours, add the line {entry} to {allow_file} (or to "
                              f"{ALLOWED_VARIABLE}, comma-separated) and queue the prompt again.")
 
 
 def send(connection: Connection, meta: dict, tensors: Optional[dict] = None) -> None:
     connection.send_bytes(wire.encode(meta, tensors))
-
-
-def receive(connection: Connection) -> tuple:
-    return wire.decode(connection.recv_bytes())
 
 
 def plain_settings(values: dict) -> dict:
@@ -198,25 +196,24 @@ def serve_cluster(port: int, listen: str, key: bytes) -> None:
         while True:
             _run_forwarded_request(control, device)
     names = [name] + [_receive_bytes(rank, control).decode() for rank in range(1, dist.get_world_size())]
-    listener = Listener((listen, port), authkey=key)
+    doorman = Doorman((listen, port), key)
     log.info("DualParal cluster of %d ranks (%s) listens on %s:%d", len(names), ", ".join(names), listen, port)
     while True:
-        _serve_request(listener, names, control, device)
+        _serve_request(doorman.next(), names, control, device)
 
 
-def _serve_request(listener: Listener, names: list, control, device: torch.device) -> None:
-    try:
-        connection = listener.accept()
-    except AuthenticationError as error:
-        log.warning("a connection was refused: %s (is %s the same for ComfyUI and the cluster?)", error, KEY_VARIABLE)
-        return
-    except (EOFError, OSError) as error:
-        log.warning("a connection closed before it was authenticated: %s", error)
-        return
+def _awaited(connection: Connection) -> bytes:
+    """ComfyUI's next message of a request; OSError where it sends nothing within REPLY_TIMEOUT_S."""
+    if not connection.poll(REPLY_TIMEOUT_S):
+        raise OSError(f"ComfyUI sent nothing for {REPLY_TIMEOUT_S:.0f} s")
+    return connection.recv_bytes()
+
+
+def _serve_request(connection: Connection, names: list, control, device: torch.device) -> None:
     with connection:
         try:
             send(connection, {"kind": "devices", "devices": names})
-            meta, _ = receive(connection)
+            meta, _ = wire.decode(_awaited(connection))
         except (EOFError, OSError, MalformedMessage) as error:
             log.warning("a request was refused before it reached the ranks: %s", error)
             return
@@ -229,7 +226,7 @@ def _serve_request(listener: Listener, names: list, control, device: torch.devic
             _apply_settings(json.loads(settings), device)
             payload = None
             for rank in range(len(names)):
-                data = connection.recv_bytes()
+                data = _awaited(connection)
                 if rank == 0:
                     payload = payload_from_message(data)
                 else:
@@ -252,7 +249,7 @@ def _ask_comfyui(connection: Connection):
     """How rank 0 has ComfyUI compute guidance with the MODEL's CFG patches (which stay there)."""
     def ask(tensors: dict, expert: int) -> torch.Tensor:
         send(connection, {"kind": "guide", "expert": expert}, tensors)
-        meta, answer = receive(connection)
+        meta, answer = wire.decode(_awaited(connection))
         if meta.get("kind") != "guided" or "denoised" not in answer:
             raise MalformedMessage("an answer to a guidance question without its prediction")
         return answer["denoised"]

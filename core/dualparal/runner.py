@@ -2,17 +2,19 @@
 worker process per rank, or the ranks of a torchrun cluster."""
 import os
 from dataclasses import asdict, dataclass, replace
-from multiprocessing.connection import AuthenticationError, Client
+from multiprocessing.connection import AuthenticationError
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..slicing import SliceSettings
-from .cluster import KEY_VARIABLE, plain_settings, rank_message, receive, send
+from . import wire
+from .cluster import KEY_VARIABLE, plain_settings, rank_message, send
 from .noise import coordinated_noise
+from .peer_connections import SilentPeer, authenticated_connection, next_message
 from .pipeline import FirstRank, Guidance, RankStats, Sampling, run_rank
-from .processes import POLL_S, WorkerError, run_workers
+from .processes import WorkerError, run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
 from .wan_stage import WanStage, check_experts_match, check_sendable, check_supported, rank_model, rank_prepared
 from .wire import MalformedMessage
@@ -25,14 +27,15 @@ def parse_devices(text: str, cuda_count: int) -> list:
         return [torch.device("cuda", i) for i in range(cuda_count)] or [torch.device("cpu")]
     if text.startswith("cpu"):
         count = text[4:] if text.startswith("cpu:") else "1"
-        if text not in ("cpu", f"cpu:{count}") or not count.isdigit() or int(count) < 1:
-            raise DualParalError(f"devices '{text}': write cpu:N with N >= 1 CPU processes (e.g. cpu:2).")
+        if text not in ("cpu", f"cpu:{count}") or not count.isdigit() or len(count) > 4 or int(count) < 1:
+            raise DualParalError(f"devices '{text[:40]}': write cpu:N with N from 1 to 9999 CPU processes (e.g. cpu:2).")
         return [torch.device("cpu")] * int(count)
     devices = []
     for name in (part.strip() for part in text.split(",")):
         index = name[5:]
-        if not name.startswith("cuda:") or not index.isdigit():
-            raise DualParalError(f"devices: '{name}' is not a device; write auto, cpu:N or a list like cuda:0,cuda:1.")
+        if not name.startswith("cuda:") or not index.isdigit() or len(index) > 4:
+            raise DualParalError(f"devices: '{name[:40]}' is not a device; write auto, cpu:N or a list like "
+                                 f"cuda:0,cuda:1.")
         if int(index) >= cuda_count:
             visible = f"cuda:0 to cuda:{cuda_count - 1}" if cuda_count else "none"
             raise DualParalError(f"devices: {name} does not exist; this machine has {cuda_count} visible GPU(s) "
@@ -169,7 +172,11 @@ def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settin
     cluster serves one request at a time: a second one connects once the first is done."""
     name = "%s:%d" % address
     try:
-        connection = Client(address, authkey=key)
+        connection = authenticated_connection(address, key, check_interrupt)
+    except SilentPeer as silence:
+        raise DualParalError(f"the DualParal cluster at {name} accepted the connection but {silence}: check that "
+                             f"rank 0 of dualparal_cluster.py listens there (and not another program), and that "
+                             f"nothing between this machine and it holds connections open.") from None
     except AuthenticationError:
         raise DualParalError(f"the DualParal cluster at {name} refused ComfyUI's key, or does not hold it: set "
                              f"{KEY_VARIABLE} to the same value for ComfyUI and torchrun.") from None
@@ -182,8 +189,10 @@ def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settin
         except MalformedMessage as error:
             raise WorkerError(f"the DualParal cluster at {name} answered with {error}; nothing more was sent "
                               f"to it.") from None
-        except (EOFError, OSError) as error:
-            reason = f"its rank 0 ended without a word ({type(error).__name__})"
+        except (EOFError, OSError):
+            reason = "its rank 0 closed the connection without a word"
+        except SilentPeer as silence:
+            reason = f"it {silence}"
         except _ClusterFailed as error:
             reason = str(error)
     raise WorkerError(f"the DualParal cluster at {name} failed: {reason}. Every rank has ended (the output of "
@@ -195,7 +204,7 @@ class _ClusterFailed(Exception):
 
 
 def _converse(connection, request: DualParalRequest, settings: dict, progress, check_interrupt, guide) -> tuple:
-    meta, _ = receive(connection)
+    meta, _ = wire.decode(next_message(connection, check_interrupt, "its greeting"))
     devices = meta.get("devices")
     if meta.get("kind") != "devices" or not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
         raise MalformedMessage("a greeting without its list of devices")
@@ -209,10 +218,8 @@ def _converse(connection, request: DualParalRequest, settings: dict, progress, c
     for rank in range(len(devices)):
         connection.send_bytes(rank_message(request, rank, ranges, tensors))
     while True:
-        check_interrupt()  # raising closes the connection, which ends the cluster's run
-        if not connection.poll(POLL_S):
-            continue
-        meta, tensors = receive(connection)
+        # an interrupt raised while waiting closes the connection, which ends the cluster's run
+        meta, tensors = wire.decode(next_message(connection, check_interrupt, "the next step's progress"))
         kind = meta.get("kind")
         if kind == "progress":
             progress(int(meta["done"]), int(meta["total"]))
