@@ -58,10 +58,6 @@ def _bind_rendezvous_store(listen: str) -> None:
     static_tcp_rendezvous.TCPStore = bound_store
 
 
-def _loopback_interface() -> str:
-    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
-
-
 def _launch(args, cluster) -> None:
     """Runs torchrun's launcher here; every rank runs this file again with --serve."""
     from torch.distributed.run import main as torchrun
@@ -69,16 +65,17 @@ def _launch(args, cluster) -> None:
         cluster.read_key(args.key_file)
     except ValueError as error:
         sys.exit(f"dualparal_cluster.py: {error}")
-    if args.key_file is not None and not os.environ.get(cluster.KEY_VARIABLE):
-        os.environ[cluster.KEY_VARIABLE] = args.key_file.read_text().strip()  # the ranks inherit it
     os.environ[LISTEN_VARIABLE] = args.listen
     if args.listen in LOOPBACK:  # the ranks' own connections (gloo, NCCL) stay on this machine too
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", _loopback_interface())
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", cluster.loopback_interface())
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", cluster.loopback_interface())
     _bind_rendezvous_store(args.listen)
+    # the key file's path, not the key, goes on the ranks' command line; only rank 0 reads it
+    key_file = ["--key-file", str(args.key_file.resolve())] if args.key_file is not None else []
     torchrun([f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--nproc-per-node={args.nproc_per_node}",
               f"--master-addr={args.master_addr}", f"--master-port={args.master_port}", "--rdzv-backend=static",
-              str(Path(__file__).resolve()), "--serve", "--comfyui", str(args.comfyui), "--port", str(args.port)])
+              str(Path(__file__).resolve()), "--serve", "--comfyui", str(args.comfyui), "--port", str(args.port),
+              *key_file])
 
 
 def main() -> None:
@@ -108,7 +105,8 @@ def main() -> None:
     if not args.serve:
         _launch(args, cluster)
         return
-    cluster.serve_cluster(args.port, os.environ.get(LISTEN_VARIABLE, "127.0.0.1"), cluster.read_key(None))
+    key = cluster.read_key(args.key_file) if os.environ.get("RANK", "0") == "0" else b""  # rank 0 alone listens
+    cluster.serve_cluster(args.port, os.environ.get(LISTEN_VARIABLE, "127.0.0.1"), key)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """DualParal Multi-GPU Sampler on the tiny Wan fixture with CPU ranks (gloo): same latent for any
 number of ranks, stock sampling for a single block, flat per-rank memory over the video's length,
 a killed worker, and input it refuses before any process starts."""
+import gc
 import os
 import threading
 import time
@@ -201,18 +202,42 @@ def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
 
 
 def open_handles() -> tuple:
-    return len(os.listdir("/proc/self/fd")), len(os.listdir("/dev/shm"))
+    """File descriptors, threads and multiprocessing semaphores (/dev/shm/sem.mp-*) of this process,
+    and the shared-memory segments."""
+    gc.collect()  # queues in reference cycles unlink their semaphores when collected
+    shm = os.listdir("/dev/shm")
+    return (len(os.listdir("/proc/self/fd")), threading.active_count(),
+            len([f for f in shm if f.startswith("sem.")]), len([f for f in shm if not f.startswith("sem.")]))
 
 
-def test_interrupted_runs_release_every_file_descriptor_and_shared_memory_segment(wan3):
-    """Interrupted as soon as the payloads are sent: the workers are killed before they fetch their
-    shared tensors, the case that used to leave their handles open."""
+@pytest.fixture(scope="module")
+def wan40(pack):
+    """Forty layers: a payload bigger than a pipe's buffer (the queue's feeder thread blocks writing it)."""
+    return patcher(build_wan("tiny", layers=40))
+
+
+@pytest.mark.parametrize("moment", ["before the workers read their payload", "while sampling"])
+def test_interrupted_runs_release_every_thread_descriptor_semaphore_and_segment(wan40, moment):
+    """Ten interrupts at each moment of a cpu:2 run leave the counts flat: the workers killed before
+    they fetch their shared tensors, the queue feeder threads blocked writing a payload nobody reads,
+    and the run cancelled mid-sampling."""
     import comfy.model_management
+    import comfy.utils
+
+    def interrupt(*args, **kwargs):
+        comfy.model_management.interrupt_current_processing(True)
 
     def interrupted_run():
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            dualparal(wan3, empty_latent(8), "cpu:2")
+        if moment == "while sampling":
+            comfy.utils.set_progress_bar_global_hook(interrupt)
+        else:
+            interrupt()
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                dualparal(wan40, empty_latent(8), "cpu:2", steps=50)
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+            comfy.model_management.interrupt_current_processing(False)
         assert not worker_processes()
     interrupted_run()  # the first run moves the weights into shared memory, once
     before = open_handles()

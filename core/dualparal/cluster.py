@@ -32,7 +32,7 @@ from .samplers import check_sampler
 from .schedule import DualParalError
 from .wan_stage import rank_model, rank_model_description, rebuild_rank_model
 from .wire import MalformedMessage
-from .worker import GROUP_TIMEOUT, apply_host_setup, run_payload
+from .worker import GROUP_TIMEOUT, apply_host_setup, progress_bars_lock_in_process, run_payload
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ DEFAULT_PORT = 29501
 MAX_EXPERTS = 2  # Wan 2.2 A14B's high- and low-noise experts
 IDLE_TIMEOUT = timedelta(days=365)  # ranks other than 0 wait for the next request on the control group
 NEW_KEY_HINT = "python -c \"import secrets; print(secrets.token_urlsafe(32))\" > FILE && chmod 600 FILE"
+
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface (for GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
 
 
 def cluster_address(devices: str) -> Optional[tuple]:
@@ -184,6 +189,7 @@ def _receive_bytes(source: int, group) -> bytes:
 def serve_cluster(port: int, listen: str, key: bytes) -> None:
     """The life of one torchrun rank: join the group, then run requests until something fails. Rank 0
     listens for ComfyUI on `listen`:`port`."""
+    progress_bars_lock_in_process()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:

@@ -71,8 +71,8 @@ def run_workers(payloads: list, environments: list, host_setup: list, progress: 
     """Runs one worker per payload; returns each rank's statistics (dicts), in rank order. `guide`
     answers the first rank's guidance questions (pipeline.relayed_guidance)."""
     context = multiprocessing.get_context("spawn")
-    outbox = context.Queue()
-    inboxes = [context.Queue() for _ in payloads]
+    outbox = _queue(context)
+    inboxes = [_queue(context) for _ in payloads]
     processes = [context.Process(
         target=runpy.run_path, args=(str(BOOTSTRAP),), daemon=True, name=f"streamline-dualparal-rank{rank}",
         kwargs={"run_name": "streamline_dualparal_worker", "init_globals": {
@@ -96,8 +96,26 @@ def run_workers(payloads: list, environments: list, host_setup: list, progress: 
     finally:
         _stop(processes)
         for channel in (outbox, *inboxes):
-            channel.cancel_join_thread()
-            channel.close()
+            _discard(channel)
+
+
+def _discard(channel) -> None:
+    """Closes a queue whose other end has gone with its worker. A payload bigger than the pipe's
+    buffer leaves the queue's feeder thread blocked writing to a worker killed before it read: with
+    this process's read end closed too, the write breaks (ignored: see _queue) and the thread ends, so no thread, pipe or semaphore outlives the run."""
+    channel._reader.close()
+    channel.cancel_join_thread()
+    channel.close()
+    if channel._thread is not None:
+        channel._thread.join(timeout=30)
+
+
+def _queue(context):
+    """A queue whose feeder thread ends quietly on a broken pipe (its reader gone with a killed
+    worker): multiprocessing.Queue's own switch, read when the thread starts."""
+    channel = context.Queue()
+    channel._ignore_epipe = True
+    return channel
 
 
 def _stop(processes) -> None:

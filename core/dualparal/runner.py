@@ -10,7 +10,7 @@ from torch import nn
 
 from ..slicing import SliceSettings
 from . import wire
-from .cluster import KEY_VARIABLE, plain_settings, rank_message, send
+from .cluster import KEY_VARIABLE, loopback_interface, plain_settings, rank_message, send
 from .noise import coordinated_noise
 from .peer_connections import SilentPeer, authenticated_connection, next_message
 from .pipeline import FirstRank, Guidance, RankStats, Sampling, run_rank
@@ -159,7 +159,9 @@ def run_in_workers(request: DualParalRequest, host_setup: list, progress: Callab
             **_rank_payload(request, rank, ranges, (latent, noise, output)),
             "backend": "nccl" if device.type == "cuda" else "gloo", "init_method": f"file://{init_file}",
             "device": "cuda:0" if device.type == "cuda" else "cpu", "threads": threads})
-        environments.append({"CUDA_VISIBLE_DEVICES": _cuda_visible(device) if device.type == "cuda" else ""})
+        environments.append({"CUDA_VISIBLE_DEVICES": _cuda_visible(device) if device.type == "cuda" else "",
+                             # the ranks talk over this machine's loopback only
+                             "GLOO_SOCKET_IFNAME": loopback_interface(), "NCCL_SOCKET_IFNAME": loopback_interface()})
     stats = run_workers(payloads, environments, host_setup, progress, check_interrupt, guide)
     return output.clone(), [RankStats(**{**s, "device": str(d)}) for s, d in zip(stats, request.devices)]
 

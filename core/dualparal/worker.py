@@ -31,10 +31,22 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def progress_bars_lock_in_process() -> None:
+    """The host's samplers draw tqdm progress bars, whose first bar makes a multiprocessing lock: a
+    named semaphore that a killed worker (an interrupted run) could never unlink. A thread lock
+    serves a worker's bars as well."""
+    try:
+        from tqdm.std import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def serve(inbox, outbox, rank: int) -> None:
     """Runs the rank and reports. An error is reported first, then the process exits at once: leaving
     a process group with operations in flight could hang."""
     _exit_with_parent()
+    progress_bars_lock_in_process()
     try:
         stats = run_worker(pickle.loads(inbox.get()), inbox, outbox)
     except BaseException as error:
