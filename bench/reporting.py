@@ -32,3 +32,16 @@ def flop_counter():
     cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     return FlopCounterMode(display=False, custom_mapping={
         cpu_attention: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)})
+
+
+def peak_bars(name: str, labels: list, peaks: list, title: str, xlabel: str = "activation peak (GiB)",
+              size=(9, 3.6)) -> None:
+    """bench/results/NAME.png: one horizontal bar per label (first on top), stock rows in red."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=size)
+    ax.barh(labels[::-1], peaks[::-1], color=["#c44e52" if "stock" in label else "#4c72b0" for label in labels[::-1]])
+    ax.set_xlabel(xlabel)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)

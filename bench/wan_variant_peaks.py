@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from devkit import model_fixtures  # noqa: E402
 from devkit.comfy_env import import_comfyui, import_pack  # noqa: E402
-from reporting import RESULTS, cpu_machine, pyplot, write_json  # noqa: E402
+from reporting import cpu_machine, peak_bars, write_json  # noqa: E402
 from stock_peaks import BF16, GIB, measure  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH = 21, 60, 104  # latent of 81 frames at 480x832
@@ -54,20 +54,9 @@ def main():
         row["peak_vs_stock"] = row["peak_gib"] / stock["peak_gib"]
     machine = cpu_machine() + ", fake tensors"
     write_json("wan_variant_peaks", {"machine": machine, "rows": rows})
-    plot(rows, machine)
-
-
-def plot(rows, machine):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    labels = [f"{r['model']}: {r['method']}" for r in rows][::-1]
-    ax.barh(labels, [r["peak_gib"] for r in rows][::-1],
-            color=["#c44e52" if "stock" in label else "#4c72b0" for label in labels])
-    ax.set_xlabel("activation peak of one forward (GiB)")
-    ax.tick_params(axis="y", labelsize=8)
-    ax.set_title(f"Wan variants at 81f 480x832 bf16, batch 1: sliced vs stock\n({machine})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "wan_variant_peaks.png", dpi=110)
+    peak_bars("wan_variant_peaks", [f"{r['model']}: {r['method']}" for r in rows], [r["peak_gib"] for r in rows],
+              f"Wan variants at 81f 480x832 bf16, batch 1: sliced vs stock\n({machine})",
+              "activation peak of one forward (GiB)")
 
 
 if __name__ == "__main__":
