@@ -51,19 +51,39 @@ def host_guidance(experts: list, positive, negative, cfg: float):
     return guide
 
 
+def _asked(guide, x, sigma, denoised, expert):
+    """The guidance at `sigma`; a patch that fails without the model (it runs the model through
+    ComfyUI's sampling helpers, as PerturbedAttentionGuidance and SkipLayerGuidance do) is refused."""
+    try:
+        return guide(x, sigma, denoised, expert)
+    except DualParalError:
+        raise
+    except Exception as error:
+        if type(error).__name__ == "InterruptProcessingException":
+            raise
+        raise DualParalError(f"a CFG patch of the MODEL fails when DualParal asks it without the model "
+                             f"({type(error).__name__} at sigma {float(sigma[0]):.3g}): it runs the model itself, "
+                             f"which DualParal cannot do block by block on its ranks. Remove that node (guidance "
+                             f"such as PerturbedAttentionGuidance or SkipLayerGuidance) before DualParal, or sample "
+                             f"with KSampler.") from None
+
+
 def check_guidance(guide, shape: tuple, sigmas: torch.Tensor, rows: int, blocks: int, experts: int) -> None:
-    """Before any process starts: the patches run without the model, and, with several blocks, give the
-    same answer twice (a patch that carries state from call to call, such as APG's momentum, would mix
-    blocks that the ranks interleave). Stateful patches start a new run where sigma rises, as a new
-    sampling does: asked first above the schedule's sigmas, then twice at its smallest, so that such
-    state starts afresh here and again at the run's first step."""
+    """Before any process starts: the patches run without the model at every sigma of the schedule
+    (a patch may act in a window of it only, as SkipLayerGuidance does), and, with several blocks,
+    give the same answer twice (a patch that carries state from call to call, such as APG's momentum,
+    would mix blocks that the ranks interleave). Stateful patches start a new run where sigma rises,
+    as a new sampling does: asked last above the schedule's sigmas, then twice at its smallest, so that
+    such state starts afresh here and again at the run's first step."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator)
     denoised = torch.randn((rows, *shape[1:]), generator=generator)
     above, smallest = sigmas[:1] + 1.0, sigmas[sigmas > 0][-1:]
     for expert in range(experts):
-        guide(x, above, denoised, expert)
-        first, second = (guide(x, smallest, denoised, expert) for _ in range(2))
+        for sigma in sigmas[sigmas > 0]:
+            _asked(guide, x, sigma.reshape(1), denoised, expert)
+        _asked(guide, x, above, denoised, expert)
+        first, second = (_asked(guide, x, smallest, denoised, expert) for _ in range(2))
         if blocks > 1 and not torch.allclose(first, second, equal_nan=True):
             raise DualParalError("a CFG patch of the MODEL answers differently when asked the same twice (it carries "
                                  "state from step to step, such as APG's momentum), which would mix DualParal's blocks: "

@@ -163,6 +163,17 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works
     assert len(stats) == 2 and not torch.isnan(result["samples"]).any()
 
 
+def test_local_workers_listen_on_loopback_only(wan3):
+    """cpu:N workers' process group (gloo) binds to the loopback interface, not to whatever address
+    the host name resolves to."""
+    with run_in_thread(wan3, "cpu:2") as (thread, outcome):
+        listening = {c.laddr.ip for worker in worker_processes() for c in worker.net_connections("inet")
+                     if c.status == "LISTEN"}
+        __import__("comfy.model_management").model_management.interrupt_current_processing(True)
+    __import__("comfy.model_management").model_management.interrupt_current_processing(False)
+    assert listening and listening <= {"127.0.0.1", "::1"}, listening
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(devices="cpu:4"), "4 ranks for a model with 3 transformer layers: use at most 3 devices"),
     (dict(devices="cuda:0"), "cuda:0 does not exist; this machine has 0 visible GPU(s)"),
@@ -636,6 +647,27 @@ def test_cfg_patches_that_run_the_model_or_carry_state_are_refused_before_any_pr
     stock = __import__("nodes").common_ksampler(momentum, 5, 3, 4.0, "euler", "simple", POSITIVE, NEGATIVE,
                                                 empty_latent(4), denoise=1.0)[0]
     assert relative_difference(one_block["samples"], stock["samples"]) <= 1e-4  # the probe left no state behind
+
+
+@pytest.mark.parametrize("guidance", ["PerturbedAttentionGuidance", "SkipLayerGuidanceDiT"])
+def test_guidance_that_runs_the_model_is_refused_before_any_process_whatever_its_window(wan3, guidance):
+    """PerturbedAttentionGuidance and SkipLayerGuidanceDiT (its default window: 1 to 15 % of the
+    schedule) run the model from their CFG patch: refused with the fix before any process starts."""
+    import importlib
+    from comfyui_streamline.nodes.dualparal import DualParalSampler
+
+    if guidance == "PerturbedAttentionGuidance":
+        guided = node_output(importlib.import_module("comfy_extras.nodes_pag").PerturbedAttentionGuidance, wan3, 3.0)
+    else:  # its defaults: scale 3, 1 % to 15 % of the schedule; layer 1 of the tiny model
+        guided = node_output(importlib.import_module("comfy_extras.nodes_slg").SkipLayerGuidanceDiT, wan3, 3.0,
+                             0.01, 0.15, "1", "1", 0.0)
+    inputs = dict(positive=POSITIVE, negative=NEGATIVE, latent_image=empty_latent(4), seed=0, steps=20, cfg=4.0,
+                  sampler_name="euler", scheduler="simple", devices="cpu:2", frames_per_block=2, cache_frames=1,
+                  denoise=1.0)
+    with pytest.raises(ValueError, match=r"^DualParal Multi-GPU Sampler: a CFG patch of the MODEL .*runs the model "
+                                         r"itself.*Remove that node"):
+        DualParalSampler.execute(model=guided, **inputs)
+    assert not worker_processes()
 
 
 def test_layers_that_cannot_be_sent_to_workers_are_refused_before_any_process(pack):

@@ -36,13 +36,16 @@ def model_of(variant: str, layers: int = 4):
     return patcher(build_wan("tiny", variant=variant, layers=layers))
 
 
-def forward(model, variant: str, seed: int = 0, loaded: bool = False, **options):
-    """One forward of the diffusion model, loaded whole for it unless `loaded` (the caller loaded it)."""
+def forward(model, variant: str, seed: int = 0, loaded: bool = False, references=None, **options):
+    """One forward of the diffusion model, loaded whole for it unless `loaded` (the caller loaded it);
+    `references`: Bernini-R's context_latents."""
     generator = torch.Generator().manual_seed(seed)
     dm = model.model.diffusion_model
     x = torch.randn(1, dm.patch_embedding.in_channels, FRAMES, HEIGHT, WIDTH, generator=generator)
     context = torch.randn(1, 20, WAN_TEXT_DIM, generator=generator)
     extra = (SLICED.get(variant) or (lambda g: {}))(generator)
+    if references is not None:
+        extra["context_latents"] = references
     if not loaded:
         model.patch_model()
     try:
@@ -223,3 +226,16 @@ def test_offloaded_fp8_scaled_layers_fetch_their_weights_once_per_forward(pack, 
     out, fetched = offloaded(ours)
     assert relative_difference(out, stock) <= TOLERANCE
     assert fetched == stock_fetched
+
+
+def test_bernini_r_references_are_sliced_exactly(pack):
+    """Bernini-R's in-context references (context_latents) ride on a plain WanModel, appended to the
+    tokens with a rotary position of their own (ComfyUI 0.33)."""
+    import inspect
+    model = model_of("2.1 t2v")
+    if "context_latents" not in inspect.getsource(type(model.model.diffusion_model).forward_orig):
+        pytest.skip(f"ComfyUI {comfyui_version()}'s WanModel takes no context_latents (tested on the host that does)")
+    references = [torch.randn(1, 16, 1, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(4))]
+    stock = forward(model, "2.1 t2v", references=references)
+    assert relative_difference(stock, forward(model, "2.1 t2v")) > 1e-3  # the references count
+    assert relative_difference(forward(sliced(model), "2.1 t2v", references=references), stock) <= TOLERANCE
