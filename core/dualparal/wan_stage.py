@@ -192,8 +192,8 @@ def rank_prepared(blocks_per_expert: list, slicing, device: torch.device, stats)
         stack.enter_context(torch.no_grad())
         for blocks in blocks_per_expert:
             stack.enter_context(feature_cache_installed(blocks))
-            if slicing is not None:
-                stack.enter_context(slicing_applied(blocks, slicing))
+            if slicing is not None:  # WanStage.layers drops each block's input: the blocks may write into it
+                stack.enter_context(slicing_applied(blocks, slicing.merged(caller_drops_input=True)))
         stack.enter_context(peak_memory(device, stats))
         yield
 
