@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 CORE_DIR = Path(__file__).resolve().with_name("core")
@@ -59,23 +60,32 @@ def _bind_rendezvous_store(listen: str) -> None:
 
 
 def _launch(args, cluster) -> None:
-    """Runs torchrun's launcher here; every rank runs this file again with --serve."""
+    """Runs torchrun's launcher here; every rank runs this file again with --serve. The ranks inherit
+    this environment without the key: node 0's rank 0 alone reads it, from the key file (or a private
+    copy of STREAMLINE_DUALPARAL_KEY, removed when the launcher ends)."""
     from torch.distributed.run import main as torchrun
     try:
-        cluster.read_key(args.key_file)
+        key = cluster.read_key(args.key_file)
     except ValueError as error:
         sys.exit(f"dualparal_cluster.py: {error}")
+    os.environ.pop(cluster.KEY_VARIABLE, None)
     os.environ[LISTEN_VARIABLE] = args.listen
     if args.listen in LOOPBACK:  # the ranks' own connections (gloo, NCCL) stay on this machine too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", cluster.loopback_interface())
         os.environ.setdefault("NCCL_SOCKET_IFNAME", cluster.loopback_interface())
     _bind_rendezvous_store(args.listen)
-    # the key file's path, not the key, goes on the ranks' command line; only rank 0 reads it
-    key_file = ["--key-file", str(args.key_file.resolve())] if args.key_file is not None else []
-    torchrun([f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--nproc-per-node={args.nproc_per_node}",
-              f"--master-addr={args.master_addr}", f"--master-port={args.master_port}", "--rdzv-backend=static",
-              str(Path(__file__).resolve()), "--serve", "--comfyui", str(args.comfyui), "--port", str(args.port),
-              *key_file])
+    with tempfile.TemporaryDirectory(prefix="streamline-dualparal-") as private:  # mode 700
+        key_file = args.key_file
+        if key_file is None and args.node_rank == 0:
+            key_file = Path(private) / "key"
+            with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(key)
+        # the key file's path, not the key, goes on the ranks' command line
+        key_option = ["--key-file", str(key_file.resolve())] if args.node_rank == 0 else []
+        torchrun([f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
+                  f"--nproc-per-node={args.nproc_per_node}", f"--master-addr={args.master_addr}",
+                  f"--master-port={args.master_port}", "--rdzv-backend=static", str(Path(__file__).resolve()),
+                  "--serve", "--comfyui", str(args.comfyui), "--port", str(args.port), *key_option])
 
 
 def main() -> None:

@@ -42,8 +42,12 @@ def dualparal(model, latent, devices, frames_per_block=2, cache_frames=1, steps=
 
 def worker_processes() -> list:
     """This process's DualParal workers (spawned children, not multiprocessing's resource tracker)."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline()) and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    def is_worker(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(process.cmdline())
+        except psutil.Error:  # ended meanwhile
+            return False
+    return [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
 
 
 @pytest.mark.parametrize("devices, frames, steps", [("cpu:2", 7, 3), ("cpu:3", 7, 3), ("cpu:2", 12, 8)])
@@ -227,27 +231,62 @@ def wan40(pack):
     return patcher(build_wan("tiny", layers=40))
 
 
-@pytest.mark.parametrize("moment", ["before the workers read their payload", "while sampling"])
-def test_interrupted_runs_release_every_thread_descriptor_semaphore_and_segment(wan40, moment):
-    """Ten interrupts at each moment of a cpu:2 run leave the counts flat: the workers killed before
-    they fetch their shared tensors, the queue feeder threads blocked writing a payload nobody reads,
-    and the run cancelled mid-sampling."""
-    import comfy.model_management
-    import comfy.utils
+class _InterruptingHandles(dict):
+    """The resource sharer's handles. When a worker fetches the `after`-th of its shared tensors, the
+    run is interrupted (as /interrupt does) and that fetch is held until the workers are gone: they
+    are killed halfway through their weights."""
 
-    def interrupt(*args, **kwargs):
+    def __init__(self, handles: dict, interrupt, after: int):
+        super().__init__(handles)
+        self.interrupt, self.left = interrupt, after
+
+    def pop(self, *args):
+        handle = super().pop(*args)
+        self.left -= 1
+        if self.left == 0:
+            self.interrupt()
+            deadline = time.monotonic() + 60
+            while worker_processes() and time.monotonic() < deadline:
+                time.sleep(0.05)  # polls for the workers' end (the run's cancellation), not a fixed wait
+        return handle
+
+
+@contextmanager
+def _interrupted_at(moment: str, interrupt):
+    import comfy.utils
+    from multiprocessing import resource_sharer
+    sharer = resource_sharer._resource_sharer
+    if moment == "while the workers start":
+        interrupt()  # polled once the processes have started and been handed their payloads
+    elif moment == "while they fetch their weights":
+        sharer._cache = _InterruptingHandles(sharer._cache, interrupt, after=10)
+    elif moment == "while sampling":
+        comfy.utils.set_progress_bar_global_hook(lambda *args, **kwargs: interrupt())
+    else:  # after the last step, while the ranks report and the latent comes back
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: value >= total and interrupt())
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        sharer._cache = dict(sharer._cache)
+
+
+@pytest.mark.parametrize("moment", ["while the workers start", "while they fetch their weights", "while sampling",
+                                    "while the results come back"])
+def test_interrupted_runs_release_every_thread_descriptor_semaphore_and_segment(wan40, moment):
+    """Ten interrupts at each moment of a cpu:2 run leave the counts flat: workers killed before they
+    fetch their shared tensors or halfway through them, the queue feeder threads blocked writing a
+    payload nobody reads, runs cancelled mid-sampling and once the last step is done."""
+    import comfy.model_management
+
+    def interrupt():
         comfy.model_management.interrupt_current_processing(True)
 
     def interrupted_run():
-        if moment == "while sampling":
-            comfy.utils.set_progress_bar_global_hook(interrupt)
-        else:
-            interrupt()
         try:
-            with pytest.raises(comfy.model_management.InterruptProcessingException):
-                dualparal(wan40, empty_latent(8), "cpu:2", steps=50)
+            with _interrupted_at(moment, interrupt), pytest.raises(comfy.model_management.InterruptProcessingException):
+                dualparal(wan40, empty_latent(8), "cpu:2", steps=2 if moment == "while the results come back" else 50)
         finally:
-            comfy.utils.set_progress_bar_global_hook(None)
             comfy.model_management.interrupt_current_processing(False)
         assert not worker_processes()
     interrupted_run()  # the first run moves the weights into shared memory, once

@@ -108,6 +108,9 @@ def test_two_nodes_sample_the_latent_of_one_rank_listen_on_loopback_only_and_ref
     listening = cluster.listening_sockets()
     assert ("127.0.0.1", cluster.port) in listening and len(listening) > 2  # ComfyUI's port, rendezvous, gloo
     assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+    for rank in cluster.ranks():  # the launchers had the key in their environment; no rank has it
+        assert KEY not in " ".join(rank.cmdline()) and KEY not in "".join(rank.environ().values())
+    assert len(cluster.ranks()) == 2
     with pytest.raises(AuthenticationError):
         Client(("127.0.0.1", cluster.port), authkey=b"not-the-key-of-this-cluster")
     with socket.create_connection(("127.0.0.1", cluster.port)) as stranger:  # no handshake, a pickle instead
@@ -144,13 +147,12 @@ def test_ten_idle_strangers_do_not_delay_a_key_holder_and_are_closed_at_their_de
     """Rank 0 authenticates each connection in a thread of its own with a deadline: a key holder is
     greeted while ten strangers that connected first and sent nothing are still waiting, the prompt
     samples, and each stranger is closed once its handshake deadline passes."""
-    from comfyui_streamline.core.dualparal.peer_connections import authenticated_connection, next_message
-    from comfyui_streamline.core.dualparal import wire
+    from comfyui_streamline.core.dualparal.peer_connections import Peer, authenticated_connection
 
     strangers = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(10)]
     try:
-        with authenticated_connection(("127.0.0.1", cluster.port), KEY.encode(), lambda: None) as holder:
-            greeting, _ = wire.decode(next_message(holder, lambda: None, "the greeting", timeout_s=60))
+        with Peer(authenticated_connection(("127.0.0.1", cluster.port), KEY.encode(), lambda: None), "the test") as holder:
+            greeting, _ = holder.receive("the greeting", timeout_s=60)
         assert greeting["kind"] == "devices" and len(greeting["devices"]) == 2
         for stranger in strangers:  # still connected, still unanswered (challenged only)
             stranger.settimeout(0)

@@ -51,6 +51,37 @@ def key_holder_that_never_greets(monkeypatch):
     listener.close()
 
 
+@pytest.fixture(scope="module")
+def wan_70mb(pack):
+    """A first rank's layers far bigger than the sockets' buffers."""
+    return patcher(build_wan("tiny", layers=4, ffn_dim=8192))
+
+
+@pytest.fixture
+def key_holder_that_stops_reading(monkeypatch):
+    """A peer that passes the key handshake, greets with one device, reads the request, then reads
+    nothing more; `stopped` is set once ComfyUI has begun sending the layers."""
+    from comfyui_streamline.core.dualparal import wire
+    listener = Listener(("127.0.0.1", 0), authkey=KEY.encode())
+    held, stopped = [], threading.Event()
+
+    def serve():
+        connection = listener.accept()
+        held.append(connection)
+        connection.send_bytes(wire.encode({"kind": "devices", "devices": ["peer cpu"]}))
+        connection.recv_bytes()
+        if connection.poll(60):
+            stopped.set()
+    threading.Thread(target=serve, daemon=True).start()
+    port = listener.address[1]
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", KEY)
+    monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", f"127.0.0.1:{port}")
+    yield port, stopped
+    for connection in held:
+        connection.close()
+    listener.close()
+
+
 def peer_timeouts(monkeypatch, **seconds):
     from comfyui_streamline.core.dualparal import peer_connections
     for name, value in seconds.items():
@@ -72,6 +103,16 @@ def test_a_key_holder_that_never_greets_is_named_after_the_reply_deadline(wan2, 
     with pytest.raises(WorkerError, match=rf"cluster at 127.0.0.1:{port} failed: it sent nothing for 1 s while "
                                           r"ComfyUI waited for its greeting"):
         dualparal(wan2, empty_latent(4), f"torchrun://127.0.0.1:{port}")
+
+
+def test_a_peer_that_stops_reading_is_named_after_the_send_deadline(wan_70mb, key_holder_that_stops_reading,
+                                                                   monkeypatch):
+    from comfyui_streamline.core.dualparal import WorkerError
+    port, _ = key_holder_that_stops_reading
+    peer_timeouts(monkeypatch, REPLY_TIMEOUT_S=1.0, MIN_SEND_RATE=1e12)
+    with pytest.raises(WorkerError, match=rf"cluster at 127.0.0.1:{port} failed: it did not take rank 0's layers "
+                                          r"within 1 s \(it stopped reading\)"):
+        dualparal(wan_70mb, empty_latent(4), f"torchrun://127.0.0.1:{port}")
 
 
 def interrupted_within(model, devices: str, started: threading.Event, seconds: float) -> BaseException:
@@ -141,3 +182,11 @@ def test_the_allowlist_hint_for_an_ipv6_cluster_is_bracketed(wan2, monkeypatch):
     monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", "")
     with pytest.raises(ValueError, match=r"add the line \[::1\]:1 to"):
         dualparal(wan2, empty_latent(4), "torchrun://[::1]:1")
+
+
+def test_an_interrupt_ends_a_prompt_stuck_sending_to_a_peer_that_stopped_reading_within_2_s(
+        wan_70mb, key_holder_that_stops_reading):
+    import comfy.model_management
+    port, stopped = key_holder_that_stops_reading
+    error = interrupted_within(wan_70mb, f"torchrun://127.0.0.1:{port}", stopped, 2.0)
+    assert isinstance(error, comfy.model_management.InterruptProcessingException), error

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
-from .peer_connections import REPLY_TIMEOUT_S, Doorman
+from .peer_connections import Doorman, Peer, SilentPeer
 from .samplers import check_sampler
 from .schedule import DualParalError
 from .wan_stage import rank_model, rank_model_description, rebuild_rank_model
@@ -92,10 +92,6 @@ def check_allowed(address: tuple, allow_file: Path) -> None:
         raise DualParalError(f"the workflow sends the model to torchrun://{entry}, which this ComfyUI does not "
                              f"allow: if that cluster is yours, add the line {entry} to {allow_file} (or to "
                              f"{ALLOWED_VARIABLE}, comma-separated) and queue the prompt again.")
-
-
-def send(connection: Connection, meta: dict, tensors: Optional[dict] = None) -> None:
-    connection.send_bytes(wire.encode(meta, tensors))
 
 
 def plain_settings(values: dict) -> dict:
@@ -208,19 +204,12 @@ def serve_cluster(port: int, listen: str, key: bytes) -> None:
         _serve_request(doorman.next(), names, control, device)
 
 
-def _awaited(connection: Connection) -> bytes:
-    """ComfyUI's next message of a request; OSError where it sends nothing within REPLY_TIMEOUT_S."""
-    if not connection.poll(REPLY_TIMEOUT_S):
-        raise OSError(f"ComfyUI sent nothing for {REPLY_TIMEOUT_S:.0f} s")
-    return connection.recv_bytes()
-
-
 def _serve_request(connection: Connection, names: list, control, device: torch.device) -> None:
-    with connection:
+    with Peer(connection, "rank 0") as comfyui:
         try:
-            send(connection, {"kind": "devices", "devices": names})
-            meta, _ = wire.decode(_awaited(connection))
-        except (EOFError, OSError, MalformedMessage) as error:
+            comfyui.send("the greeting", {"kind": "devices", "devices": names})
+            meta, _ = comfyui.receive("the request")
+        except (EOFError, OSError, SilentPeer, MalformedMessage) as error:
             log.warning("a request was refused before it reached the ranks: %s", error)
             return
         if meta.get("kind") != "request":
@@ -232,30 +221,31 @@ def _serve_request(connection: Connection, names: list, control, device: torch.d
             _apply_settings(json.loads(settings), device)
             payload = None
             for rank in range(len(names)):
-                data = _awaited(connection)
+                data = comfyui.receive_bytes(f"rank {rank}'s layers")
                 if rank == 0:
                     payload = payload_from_message(data)
                 else:
                     _send_bytes(data, rank, control)
                 del data
-            stats = run_payload(payload, device, progress=lambda done, total: send(
-                connection, {"kind": "progress", "done": done, "total": total}), ask_guidance=_ask_comfyui(connection))
+            stats = run_payload(payload, device, progress=lambda done, total: comfyui.send(
+                "a step's progress", {"kind": "progress", "done": done, "total": total}),
+                ask_guidance=_ask_comfyui(comfyui))
             gathered = [asdict(stats)] + [json.loads(_receive_bytes(rank, control)) for rank in range(1, len(names))]
-            send(connection, {"kind": "done", "stats": gathered}, {"output": payload["output"]})
+            comfyui.send("the result", {"kind": "done", "stats": gathered}, {"output": payload["output"]})
         except BaseException as error:
             log.exception("DualParal cluster rank 0 failed; ending every rank")
             try:
-                send(connection, {"kind": "error", "message": f"{type(error).__name__}: {error}"})
-            except OSError:
+                comfyui.send("the error", {"kind": "error", "message": f"{type(error).__name__}: {error}"})
+            except (OSError, SilentPeer):
                 pass  # ComfyUI has gone (the run was cancelled)
             os._exit(1)
 
 
-def _ask_comfyui(connection: Connection):
+def _ask_comfyui(comfyui: Peer):
     """How rank 0 has ComfyUI compute guidance with the MODEL's CFG patches (which stay there)."""
     def ask(tensors: dict, expert: int) -> torch.Tensor:
-        send(connection, {"kind": "guide", "expert": expert}, tensors)
-        meta, answer = wire.decode(_awaited(connection))
+        comfyui.send("a guidance question", {"kind": "guide", "expert": expert}, tensors)
+        meta, answer = comfyui.receive("a guidance answer")
         if meta.get("kind") != "guided" or "denoised" not in answer:
             raise MalformedMessage("an answer to a guidance question without its prediction")
         return answer["denoised"]

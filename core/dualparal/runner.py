@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from ..slicing import SliceSettings
-from . import wire
-from .cluster import KEY_VARIABLE, loopback_interface, plain_settings, rank_message, send
+from .cluster import KEY_VARIABLE, loopback_interface, plain_settings, rank_message
 from .noise import coordinated_noise
-from .peer_connections import SilentPeer, authenticated_connection, next_message
+from .peer_connections import Peer, SilentPeer, authenticated_connection
 from .pipeline import FirstRank, Guidance, RankStats, Sampling, run_rank
 from .processes import WorkerError, run_workers
 from .schedule import BlockPlan, DualParalError, layer_ranges
@@ -185,9 +184,9 @@ def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settin
     except OSError as error:
         raise DualParalError(f"no DualParal cluster answers at {name} ({error.strerror or error}): start its ranks "
                              f"with dualparal_cluster.py (README: DualParal across machines).") from None
-    with connection:
+    with Peer(connection, "ComfyUI", check_interrupt) as peer:
         try:
-            return _converse(connection, request, settings, progress, check_interrupt, guide)
+            return _converse(peer, request, settings, progress, guide)
         except MalformedMessage as error:
             raise WorkerError(f"the DualParal cluster at {name} answered with {error}; nothing more was sent "
                               f"to it.") from None
@@ -205,23 +204,23 @@ class _ClusterFailed(Exception):
     pass
 
 
-def _converse(connection, request: DualParalRequest, settings: dict, progress, check_interrupt, guide) -> tuple:
-    meta, _ = wire.decode(next_message(connection, check_interrupt, "its greeting"))
+def _converse(peer: Peer, request: DualParalRequest, settings: dict, progress, guide) -> tuple:
+    meta, _ = peer.receive("its greeting")
     devices = meta.get("devices")
     if meta.get("kind") != "devices" or not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
         raise MalformedMessage("a greeting without its list of devices")
     try:
         ranges = request.validate(len(devices))
     except DualParalError:
-        send(connection, {"kind": "refused"})
+        peer.send("the refusal", {"kind": "refused"})
         raise
-    send(connection, {"kind": "request", "settings": plain_settings(settings)})
+    peer.send("the request", {"kind": "request", "settings": plain_settings(settings)})
     tensors = _first_rank_tensors(request)
     for rank in range(len(devices)):
-        connection.send_bytes(rank_message(request, rank, ranges, tensors))
+        peer.send_bytes(rank_message(request, rank, ranges, tensors), f"rank {rank}'s layers")
     while True:
         # an interrupt raised while waiting closes the connection, which ends the cluster's run
-        meta, tensors = wire.decode(next_message(connection, check_interrupt, "the next step's progress"))
+        meta, tensors = peer.receive("the next step's progress")
         kind = meta.get("kind")
         if kind == "progress":
             progress(int(meta["done"]), int(meta["total"]))
@@ -230,7 +229,7 @@ def _converse(connection, request: DualParalRequest, settings: dict, progress, c
                 guided = guide(tensors["x"], tensors["sigma"], tensors["denoised"], int(meta["expert"]))
             except (KeyError, TypeError, ValueError) as error:
                 raise MalformedMessage(f"a guidance question without {error}") from None
-            send(connection, {"kind": "guided"}, {"denoised": guided})
+            peer.send("a guidance answer", {"kind": "guided"}, {"denoised": guided})
         elif kind == "done":
             return _result(meta, tensors, request, devices)
         else:
