@@ -22,8 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .host import derives_from
-from .slicing.registry import caller_of
+from .slicing.registry import FAMILIES, caller_of, family_of, rehash_refusal, short_name
 
 
 WRAPPED = "__rehash_wraps__"  # on each patched forward: the forward it runs on refresh steps
@@ -103,23 +102,23 @@ def _deep_unet_blocks(unet: nn.Module, shallow: int) -> list:
             *(f"output_blocks.{i}" for i in range(blocks - shallow))]
 
 
-def _deep_dit_blocks(dit: nn.Module, shallow: int) -> list:
-    blocks = len(dit.blocks)
+def _deep_dit_blocks(dit: nn.Module, stack: str, shallow: int) -> list:
+    blocks = len(getattr(dit, stack))
     if not 1 <= shallow or 2 * shallow >= blocks:
         raise UnsupportedRehashError(f"shallow_blocks is {shallow}; this DiT has {blocks} blocks, of which the first "
                                      f"and last shallow_blocks run every step: set it between 1 and "
                                      f"{(blocks - 1) // 2}.")
-    return [f"blocks.{i}" for i in range(shallow, blocks - shallow)]
+    return [f"{stack}.{i}" for i in range(shallow, blocks - shallow)]
 
 
 def _check_dit_caller(model: nn.Module) -> None:
     """Refuses a DiT whose root adds to the stream between its blocks (a reused residual would hold
     that and it would be added again) or that the family table does not list or refuses."""
-    _, caller = caller_of(model)
+    family, caller = caller_of(model)
     if caller is None:
         raise UnsupportedRehashError(f"{type(model).__name__} is a Wan variant Step Rehash does not know, so it cannot "
                                      f"show that skipping its blocks is sound: remove the node for it.")
-    reason = caller.refused or caller.between_blocks
+    reason = rehash_refusal(family, caller)
     if reason:
         raise UnsupportedRehashError(f"Step Rehash does not run on {caller.title} ({caller.name}): {reason}, which "
                                      f"reusing the deep blocks' residual would get wrong. Remove the node for it.")
@@ -134,7 +133,9 @@ def rehash_patches(model: nn.Module, settings: RehashSettings, state: RehashStat
 
     def inner(path):
         return getattr(current(path), WRAPPED, current(path))
-    if derives_from(model, "UNetModel") and hasattr(model, "output_blocks"):
+    family = family_of(model)
+    kind = family.step_rehash if family is not None else ""
+    if kind == "unet":
         deep = _deep_unet_blocks(model, settings.shallow_blocks)
         patches = {}
         for block in deep:
@@ -144,14 +145,18 @@ def rehash_patches(model: nn.Module, settings: RehashSettings, state: RehashStat
                 keeps = block == deep[-1] and name == layers[-1]
                 patches[path] = _kept_forward(inner(path), state) if keeps else _deep_forward(inner(path), state)
         return patches
-    if derives_from(model, "WanModel"):
+    if kind == "dit":
         _check_dit_caller(model)
-        deep = _deep_dit_blocks(model, settings.shallow_blocks)
+        deep = _deep_dit_blocks(model, family.repeated_stack, settings.shallow_blocks)
         return {f"{prefix}{block}.forward": _residual_forward(inner(f"{prefix}{block}.forward"), state,
                                                               first=block == deep[0], last=block == deep[-1])
                 for block in deep}
-    raise UnsupportedRehashError(f"Step Rehash runs on ComfyUI's SVD-family video UNets and Wan DiTs; this model is "
+    raise UnsupportedRehashError(f"Step Rehash runs on ComfyUI's {rehash_families()}; this model is "
                                  f"{type(model).__name__}: remove the node for it.")
+
+
+def rehash_families() -> str:
+    return " and ".join(short_name(f) for f in FAMILIES if f.step_rehash)
 
 
 def _stand_in(x: torch.Tensor) -> torch.Tensor:

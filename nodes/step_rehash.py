@@ -101,7 +101,7 @@ class StepRehash(io.ComfyNode):
             category="Streamline/speed",
             description="Reuses the model's deep features between refresh steps (FME's Step Rehash): on the "
                         "steps in between only the shallow blocks run. Faster sampling at a small, measured "
-                        "quality cost (README: Step Rehash). SVD-family video UNets and Wan DiTs; composes with "
+                        "quality cost (docs/step_rehash.md). SVD-family video UNets and Wan DiTs; composes with "
                         "Feature Slicer and Operator Grouper.",
             inputs=[
                 io.Model.Input("model"),

@@ -327,7 +327,7 @@ NOTES = {
     "svd_xt_img2vid_step_rehash": (
         "Stable Video Diffusion XT image-to-video with Step Rehash: the UNet's deep blocks run on every third step "
         "(and the first two and the last), the steps between reuse their features and run only the first "
-        "resolution level: faster sampling at a small quality cost (README: Step Rehash). Sliced as the "
+        "resolution level: faster sampling at a small quality cost (docs/step_rehash.md). Sliced as the "
         "svd_xt_img2vid_sliced example; Memory Monitor.\n\n"
         f"Files:\n- models/checkpoints/{SVD_XT} (UNet, VAE and CLIP vision in one file)\n\n"
         + INPUT_NOTE.format(image=START_IMAGE)),

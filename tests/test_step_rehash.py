@@ -79,7 +79,7 @@ def test_models_and_settings_it_cannot_run_are_refused(svd_model):
 
     other = torch.nn.Module()
     other.diffusion_model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="Step Rehash runs on ComfyUI's SVD-family video UNets and Wan DiTs; this "
+    with pytest.raises(ValueError, match="Step Rehash runs on ComfyUI's SVD-family video UNet and Wan 2.1 / 2.2 DiT; this "
                                          "model is Linear: remove the node for it"):
         rehash(comfy.model_patcher.ModelPatcher(other, torch.device("cpu"), torch.device("cpu")))
     with pytest.raises(ValueError, match="shallow_blocks is 4; this UNet has 4 input blocks: set it between 1 and 3"):

@@ -13,7 +13,7 @@ from .config import CMDConfig, CMDError
 from .motion_dit import MotionDiT
 
 FORMAT = "streamline-cmd/1"
-TRAINING_HINT = "train one with scripts/train_cmd.py (README: CMD) or put a .safetensors from it in models/cmd/"
+TRAINING_HINT = "train one with scripts/train_cmd.py (docs/cmd.md) or put a .safetensors from it in models/cmd/"
 
 
 class CMDModel(nn.Module):

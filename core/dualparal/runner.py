@@ -183,7 +183,7 @@ def run_on_cluster(request: DualParalRequest, address: tuple, key: bytes, settin
                              f"{KEY_VARIABLE} to the same value for ComfyUI and torchrun.") from None
     except OSError as error:
         raise DualParalError(f"no DualParal cluster answers at {name} ({error.strerror or error}): start its ranks "
-                             f"with dualparal_cluster.py (README: DualParal across machines).") from None
+                             f"with dualparal_cluster.py (docs/dualparal.md: DualParal across machines).") from None
     with Peer(connection, "ComfyUI", check_interrupt) as peer:
         try:
             return _converse(peer, request, settings, progress, guide)

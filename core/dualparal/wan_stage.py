@@ -17,7 +17,7 @@ from torch import nn
 from ..kv_carry import KV_CARRY, KVCarry
 from ..patching import patches_applied
 from ..slicing import slicing_applied
-from ..slicing.registry import FAMILIES, caller_of
+from ..slicing.registry import FAMILIES, caller_of, plain_root
 from ..slicing.wan import project_keys_values
 from ..host import host_function
 from .memory import peak_memory
@@ -28,7 +28,7 @@ from .wire import MalformedMessage, dtype_from_name, dtype_name
 def check_supported(model: nn.Module, latent_shape: tuple, image_channels: int = 0) -> None:
     """`image_channels`: of the image conditioning concatenated to the input (WanImageToVideo's)."""
     family, caller = caller_of(model)  # the family's own root class: subclasses (VACE, camera) run other forwards
-    if (family is None or not family.pipeline_parts or type(model).__name__ != family.root
+    if (family is None or not family.pipeline_parts or not plain_root(family, caller)
             or not all(hasattr(model, part) for part in family.pipeline_parts)):
         loaded = f"{caller.title} ({caller.name})" if caller else type(model).__name__
         raise DualParalError(f"DualParal runs ComfyUI's plain Wan 2.1 / 2.2 DiT (text- or image-to-video); this MODEL "

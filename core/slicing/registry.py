@@ -91,6 +91,8 @@ class Family:
         predictor runs two of them.
     pipeline_parts: what a DualParal rank stage uses of the model (empty: DualParal refuses it);
     pipeline_classes: the host classes (module.Class) a cluster rank may rebuild from a request.
+    step_rehash: how Step Rehash finds the deep blocks it skips ("unet": the mirrored input / output
+        blocks around the middle block; "dit": the stack of `repeated_stack`; "": it refuses the family).
     input: the ComfyUI input type a node slices the family through (MODEL or VAE; "diffusers": the
         plain-torch API only)."""
     name: str
@@ -106,6 +108,7 @@ class Family:
     pipeline_parts: tuple = ()
     pipeline_classes: tuple = ()
     input: str = "MODEL"
+    step_rehash: str = ""
 
     def caller(self, model: nn.Module) -> Optional[Caller]:
         """The row of `model`'s own class (None: a class this family does not list)."""
@@ -142,7 +145,7 @@ FAMILIES = (
     Family(
         "SVD-family video UNet (ComfyUI openaimodel: VideoResBlock, SpatialVideoTransformer)",
         signature=_is("VideoResBlock", "in_layers", "time_stack"),
-        root="UNetModel", step_inputs=workloads.svd_step, finer_slicing=workloads.finer_strips,
+        root="UNetModel", step_inputs=workloads.svd_step, finer_slicing=workloads.finer_strips, step_rehash="unet",
         rules=(
             BlockRule(_is("VideoResBlock", "in_layers", "time_stack"), _forward(video_resblock_forward)),
             BlockRule(_is("SpatialVideoTransformer", "time_stack"), _forward(spatial_video_transformer_forward)),
@@ -177,7 +180,7 @@ FAMILIES = (
         signature=_is("WanAttentionBlock", "self_attn", "cross_attn", "ffn", "modulation"),
         root="WanModel", block="WanAttentionBlock", callers=WAN_CALLERS,
         step_inputs=workloads.wan_step, finer_slicing=workloads.finer_token_chunks,
-        repeated_stack="blocks",
+        repeated_stack="blocks", step_rehash="dit",
         pipeline_parts=("patch_embedding", "text_embedding", "time_embedding", "time_projection", "blocks", "head",
                         "rope_encode", "unpatchify", "patch_size", "freq_dim", "dim"),
         pipeline_classes=("comfy.ldm.wan.model.WanModel",),
@@ -250,6 +253,21 @@ def refusal(model: nn.Module, input_type: str = "MODEL") -> str:
     return ""
 
 
+def plain_root(family: Family, caller: Optional[Caller]) -> bool:
+    """Whether the model is the family's own root class, not a variant whose forward takes inputs of
+    its own (what the planner's dry run and DualParal's ranks make)."""
+    return not family.callers or (caller is not None and caller.name == family.root)
+
+
+def rehash_refusal(family: Family, caller: Optional[Caller]) -> str:
+    """Why Step Rehash cannot skip this root's deep blocks ("": it can)."""
+    if not family.step_rehash:
+        return "not a family Step Rehash knows"
+    if family.callers and caller is None:
+        return "a variant the family table does not list"
+    return caller.refused or caller.between_blocks if caller is not None else ""
+
+
 def diffusion_family(model: nn.Module) -> Family:
     """The family of a diffusion model the Memory Planner can predict."""
     family, caller = caller_of(model)
@@ -258,7 +276,7 @@ def diffusion_family(model: nn.Module) -> Family:
         raise UnsupportedModelError(f"this MODEL is {type(model).__name__}, which the Memory Planner cannot "
                                     f"predict (it predicts {known}); plan without it, or add Feature Slicer + "
                                     f"Operator Grouper by hand.")
-    if caller is not None and caller.name != family.root:
+    if not plain_root(family, caller):
         raise UnsupportedModelError(f"{caller.title} ({caller.name}) takes inputs of its own that the Memory "
                                     f"Planner's dry run does not make; add Feature Slicer + Operator Grouper by "
                                     f"hand instead (they slice it).")
