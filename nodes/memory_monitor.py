@@ -316,6 +316,7 @@ def _install(execution, progress) -> bool:
 
     @functools.wraps(execute_async)
     async def recorded_execute_async(self, *args, **kwargs):
+        self_check.new_round()  # every prompt: blocks that fell back earlier say so again
         recording = _start_recording(signature, self, args, kwargs, step_note)
         if recording is None:
             return await execute_async(self, *args, **kwargs)

@@ -43,7 +43,8 @@ def show_fallback(result: "self_check.CheckResult"):
     node_id = (result.tag or {}).get("node_id")
     if not result.fell_back or node_id is None:
         return
-    text = "\n".join(r.message() for r in self_check.fallbacks() if r.tag is result.tag)
+    latest = {r.where: r for r in self_check.fallbacks() if r.tag is result.tag}  # each block once
+    text = "\n".join(r.message() for r in latest.values())
     try:
         from server import PromptServer
         server = PromptServer.instance

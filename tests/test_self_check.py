@@ -527,7 +527,8 @@ def test_a_fallback_in_a_real_comfyui_prompt_is_in_the_log_on_the_node_and_in_th
     on a model with a host patch that no slicing can match (Chunk-Sensitive Layer (fixture) on block 0):
     that block runs stock, the saved latent equals the same workflow's without the slicing nodes, and the
     warning is in the server log, on the slicing node that made the installed patches (the last of the
-    chain) and in the Memory Monitor's report."""
+    chain) and in the Memory Monitor's report; and again in the next prompt that runs the block (its
+    model nodes cached, so nothing is probed again)."""
     from safetensors.torch import load_file
 
     prompt = load_workflow("demo_wan21_t2v_sliced_tiny.api.json")
@@ -554,6 +555,11 @@ def test_a_fallback_in_a_real_comfyui_prompt_is_in_the_log_on_the_node_and_in_th
         return prompt
     result, texts = run_watching_node_texts(comfy_server, named(bypassed(prompt, []), "fallback"))
     assert result.status == "success", result.error
+    seed = next(name for name in ("seed", "noise_seed") if name in prompt[sampler]["inputs"])
+    prompt[sampler]["inputs"][seed] += 1  # the sampler runs again on the cached sliced model
+    again, again_texts = run_watching_node_texts(comfy_server, named(bypassed(prompt, []), "fallback_again"))
+    assert again.status == "success", again.error
+    prompt[sampler]["inputs"][seed] -= 1
     stock_result = comfy_server.run(named(bypassed(prompt, slicing), "stock"))
     assert stock_result.status == "success", stock_result.error
 
@@ -568,6 +574,10 @@ def test_a_fallback_in_a_real_comfyui_prompt_is_in_the_log_on_the_node_and_in_th
     assert any(where in text and version in text for text in texts.get(last, [])), texts
     summary = result.outputs[monitors[0]]["text"][0]
     assert where in summary and version in summary
-    report = sorted((comfy_server.output_dir / "streamline_memory").glob("self_check_fallback_*.json"))[-1]
+    report = sorted((comfy_server.output_dir / "streamline_memory").glob("self_check_fallback_0*.json"))[-1]
     assert report.name in summary and where in json.loads(report.read_text())["summary"]
     assert where not in stock_result.outputs[monitors[0]]["text"][0]
+    said_again = f"{where} runs stock, as it has since it did not match {version}'s stock forward"
+    assert said_again in again.outputs[monitors[0]]["text"][0]
+    assert any(said_again in text for text in again_texts.get(last, [])), again_texts
+    assert said_again in comfy_server.log()

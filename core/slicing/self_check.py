@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -89,6 +89,7 @@ class CheckResult:
     detail: str
     tag: Optional[dict] = None  # who made the patch (the nodes: {"node": title, "node_id": id})
     seconds: float = 0.0  # wall time of the probe
+    found_earlier: bool = False  # a fallback found in an earlier round, said again in this one (new_round)
 
     @property
     def fell_back(self) -> bool:
@@ -99,6 +100,9 @@ class CheckResult:
         return f"{self.block} at {self.path or '<model>'} ({self.attribute})"
 
     def message(self) -> str:
+        if self.found_earlier:
+            return (f"Streamline self-check: {self.where} runs stock, as it has since it did not match "
+                    f"{self.host}'s stock {self.attribute} on a probe ({self.detail}).")
         if self.fell_back:
             return (f"Streamline self-check: {self.where} does not match {self.host}'s stock {self.attribute} on a "
                     f"probe ({self.detail}); this block runs stock from now on (stock output, stock memory).")
@@ -108,8 +112,29 @@ class CheckResult:
 _results = deque(maxlen=1000)
 _listeners = []
 _seq = [0]
+_said_this_round = set()  # the fallbacks (their first results' seq) said since new_round
 _lock = threading.RLock()
 _local = threading.local()
+
+
+def new_round() -> None:
+    """A new prompt begins: each block that fell back earlier says so again (log, listeners,
+    `fallbacks`) the first time it runs in this round."""
+    with _lock:
+        _said_this_round.clear()
+
+
+def _say_again(result: CheckResult) -> None:
+    if result.seq in _said_this_round:
+        return
+    with _lock:
+        if result.seq in _said_this_round:
+            return
+        _said_this_round.add(result.seq)
+        _seq[0] += 1
+        again = replace(result, seq=_seq[0], found_earlier=True)
+        _results.append(again)
+    _tell(again)
 
 
 def results(since: int = 0) -> list:
@@ -143,9 +168,17 @@ def _record(checker: "Checker", outcome: str, detail: str, seconds: float = 0.0)
         result = CheckResult(_seq[0], outcome, type(checker.owner).__name__, checker.path, checker.attribute,
                              checker.host, detail, checker.tag, seconds)
         _results.append(result)
+        if result.fell_back:
+            _said_this_round.add(result.seq)
+    _tell(result)
+    return result
+
+
+def _tell(result: CheckResult) -> None:
+    """Logs a result and hands it to the listeners."""
     if result.fell_back:
         log.warning("%s", result.message())
-    elif outcome == NOT_CHECKED:
+    elif result.outcome == NOT_CHECKED:
         log.warning("%s; it runs sliced, unchecked.", result.message())
     else:
         log.debug("%s", result.message())
@@ -154,7 +187,6 @@ def _record(checker: "Checker", outcome: str, detail: str, seconds: float = 0.0)
             listener(result)
         except Exception:
             log.exception("Streamline self-check: a result listener failed")
-    return result
 
 
 @contextmanager
@@ -672,6 +704,8 @@ class Checker:
         if self._run is None and getattr(self.probe, "caller", False):
             return self._call_then_check_caller(args, kwargs)
         run = self._run or self._resolve(args, kwargs)
+        if run is self.stock:  # a fallback: said again once per round
+            _say_again(self.result if self.leader is None else self.leader.result)
         return run(*args, **kwargs)
 
     def _call_then_check_caller(self, args, kwargs):
