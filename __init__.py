@@ -4,7 +4,8 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .nodes.cmd import CMDDecoder, CMDEncode, CMDLoader, CMDMotionSampler
 from .nodes.dualparal import DualParalSampler
-from .nodes.memory_monitor import MemoryMonitor, install_prompt_recording
+from .glue.prompt_recording import install_prompt_recording
+from .nodes.memory_monitor import MemoryMonitor
 from .nodes.planner import MemoryPlanner
 from .nodes.slicing import FeatureSlicer, OperatorGrouper, VAESlicer
 from .nodes.step_rehash import StepRehash

@@ -216,7 +216,7 @@ def cpu_rows():
     from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     from comfyui_streamline.core.memory.tracker import LiveStorageTracker
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     import comfy.model_management
     import comfy.model_patcher
 

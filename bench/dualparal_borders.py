@@ -54,7 +54,7 @@ def fixture():
     import comfy.model_patcher
     import nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
 
     device = comfy.model_management.get_torch_device()
     model = comfy.model_patcher.ModelPatcher(model_fixtures.build_wan("tiny", layers=4), device, device)
@@ -104,7 +104,7 @@ def sprite_moves(videos: torch.Tensor, span: int) -> torch.Tensor:
 def trained():
     import nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     from devkit.fixture_nodes import TextEmbedding
     from devkit.sprite_workflows import CFG, FRAMES, HEIGHT, SHIFT as SPRITE_SHIFT, SPRITE_MODELS_DIR, TEXT_TOKENS
     from devkit.sprite_workflows import TEXT_WIDTH, WIDTH

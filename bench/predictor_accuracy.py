@@ -44,7 +44,7 @@ def accuracy_rows():
     from comfyui_streamline.core.memory.predictor import predict_peak
     from comfyui_streamline.core.memory.tracker import LiveStorageTracker
     from comfyui_streamline.core.slicing import slicing_applied
-    from comfyui_streamline.nodes.planner import describe
+    from comfyui_streamline.glue.planner import describe
 
     rows = []
     for name, module, forward, ladder in real_workloads():
@@ -66,7 +66,7 @@ def speed_rows():
     """Seconds per prediction of full-size models (81 frames at 480x832, CFG)."""
     from comfyui_streamline.core.memory.predictor import Workload, model_forward, predict_peak
     from comfyui_streamline.core.slicing import SliceSettings
-    from comfyui_streamline.nodes.planner import describe
+    from comfyui_streamline.glue.planner import describe
 
     rows = []
     for size in ("1.3B", "14B"):

@@ -204,7 +204,7 @@ def svd_jobs() -> tuple:
 def quality_of(name: str, jobs) -> list:
     from comfy_extras.nodes_easycache import EasyCacheNode
     from comfyui_streamline.core.step_rehash import RehashSettings
-    from comfyui_streamline.nodes.step_rehash import rehashed_model
+    from comfyui_streamline.glue.step_rehash import rehashed_model
     from devkit.video_metrics import motion_measures
 
     model, decode, items, settings = jobs

@@ -35,7 +35,7 @@ def empty_latent(frames, height=4, width=6):
 
 def dualparal(model, latent, devices, frames_per_block=2, cache_frames=1, steps=3, cfg=4.0, seed=5, denoise=1.0,
               sampler="euler", scheduler="simple"):
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     return sample(model, POSITIVE, NEGATIVE, latent, seed, steps, cfg, sampler, scheduler, devices, frames_per_block,
                   cache_frames, denoise)
 
@@ -418,7 +418,7 @@ def image_to_video(start_frames: int = 1, length: int = 13):
 
 
 def dualparal_i2v(model, conditioning, devices, frames_per_block, cache_frames, sampler="euler"):
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     positive, negative, latent = conditioning
     return sample(model, positive, negative, latent, 5, 3, 4.0, sampler, "simple", devices, frames_per_block,
                   cache_frames, 1.0)
@@ -491,7 +491,7 @@ def low_noise3(pack):
 
 def two_experts(high, low, latent, devices, switch, frames_per_block=2, cache_frames=1, steps=4, sampler="euler",
                 seed=5, placement="auto"):
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     return sample(high, POSITIVE, NEGATIVE, latent, seed, steps, 4.0, sampler, "simple", devices, frames_per_block,
                   cache_frames, 1.0, low, switch, placement)
 
@@ -560,7 +560,7 @@ def test_auto_swaps_the_experts_where_both_would_not_fit_a_gpu(wan3, low_noise3,
     """The rule auto follows on GPU ranks, against each GPU's memory (no GPU here: its size is given)."""
     from types import SimpleNamespace
     from comfyui_streamline.core.dualparal import BlockPlan, DualParalRequest, Sampling, rank_weight_bytes
-    from comfyui_streamline.nodes.dualparal import RESIDENT_SHARE, _swap_experts
+    from comfyui_streamline.glue.dualparal import RESIDENT_SHARE, _swap_experts
 
     high, low = (m.model.diffusion_model for m in (wan3, low_noise3))
     request = DualParalRequest(high, torch.float32, [], BlockPlan(4, 2, 1, 4, 2), Sampling(torch.ones(5), [1.0] * 4,
@@ -748,7 +748,7 @@ def test_wan22_ti2v_5b_image_to_video_samples_like_stock_and_over_ranks(pack):
     assert "noise_mask" in latent
     stock = nodes.common_ksampler(ti2v, 5, 3, 4.0, "uni_pc", "simple", POSITIVE, NEGATIVE, latent)[0]
     frames = latent["samples"].shape[2]
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     ours, _, _ = sample(ti2v, POSITIVE, NEGATIVE, latent, 5, 3, 4.0, "uni_pc", "simple", "cpu:1", frames, 0, 1.0)
     assert relative_difference(ours["samples"], stock["samples"]) <= 1e-4
     unmasked = {"samples": latent["samples"]}
@@ -762,7 +762,7 @@ def test_wan22_ti2v_5b_image_to_video_samples_like_stock_and_over_ranks(pack):
 
 def test_wan22_ti2v_5b_with_the_feature_slicer_inside_every_rank(pack):
     """Per-frame timesteps through sliced blocks: the same latent as unsliced ranks."""
-    from comfyui_streamline.nodes.dualparal import sample
+    from comfyui_streamline.glue.dualparal import sample
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
     ti2v = patcher(build_wan("tiny", layers=2, variant="2.2 ti2v 5B"))

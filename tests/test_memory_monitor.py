@@ -168,12 +168,13 @@ def test_a_host_without_progress_hooks_gets_a_warning_and_a_recording_without_st
 
     import folder_paths
 
-    from comfyui_streamline.nodes import memory_monitor
+    from comfyui_streamline.glue import prompt_recording as memory_monitor
+    from comfyui_streamline.nodes.memory_monitor import MemoryMonitor
 
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
 
     async def execute_async(self, prompt, prompt_id, extra_data={}, execute_outputs=[]):
-        return memory_monitor.MemoryMonitor.execute(value="v", report_prefix="hookless").args[1]
+        return MemoryMonitor.execute(value="v", report_prefix="hookless").args[1]
 
     host = _fake_host(execute_async)  # no reset_progress_state / add_progress_handler
     with caplog.at_level(logging.WARNING):
@@ -210,7 +211,8 @@ def test_the_wrapper_contains_its_own_failures_and_passes_the_executors_on(pack,
 
     import folder_paths
 
-    from comfyui_streamline.nodes import memory_monitor
+    from comfyui_streamline.glue import prompt_recording as memory_monitor
+    from comfyui_streamline.nodes.memory_monitor import MemoryMonitor
     from comfy_execution import progress
 
     (tmp_path / "streamline_memory").write_text("a file where the report folder should be")
@@ -221,7 +223,7 @@ def test_the_wrapper_contains_its_own_failures_and_passes_the_executors_on(pack,
 
     async def execute_async(self, prompt, prompt_id, extra_data={}, execute_outputs=[]):
         host.reset_progress_state(prompt_id, None)
-        summary = memory_monitor.MemoryMonitor.execute(value="v", report_prefix="contained").args[1]
+        summary = MemoryMonitor.execute(value="v", report_prefix="contained").args[1]
         if prompt.get("fail"):
             raise ExecutorError("the executor's own error")
         return summary
@@ -258,7 +260,7 @@ def test_the_step_handler_keeps_its_failures_to_itself(pack, caplog):
     import logging
 
     from comfyui_streamline.core.memory.recording import Recorder
-    from comfyui_streamline.nodes.memory_monitor import StepHandler
+    from comfyui_streamline.glue.prompt_recording import StepHandler
 
     handler = StepHandler(Recorder("steps"))
     handler.set_registry(object())  # no dynprompt: the label falls back to the node id
@@ -288,7 +290,7 @@ def _run_watching_events(comfy_server, prompt, timeout=180):
 
     import websocket
 
-    from comfyui_streamline.nodes.memory_monitor import REPORT_EVENT
+    from comfyui_streamline.glue.prompt_recording import REPORT_EVENT
 
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={client_id}", timeout=timeout)

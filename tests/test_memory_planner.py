@@ -55,7 +55,8 @@ def test_prediction_equals_the_measured_peak_of_the_real_forward(pack, family):
 
 
 def test_planner_applies_the_least_slicing_that_fits(pack, wan_model):
-    from comfyui_streamline.nodes.planner import MemoryPlanner, describe
+    from comfyui_streamline.glue.planner import describe
+    from comfyui_streamline.nodes.planner import MemoryPlanner
 
     lat = latent()
     ladder = predictions(wan_model, lat)
@@ -78,7 +79,8 @@ def test_planner_skips_finer_slicing_that_saves_no_memory(pack, wan_model):
     """Finer slicing costs time, so a level whose predicted peak is no lower than a coarser level's is
     listed as skipped and never chosen: with room for only the lowest peak, the coarsest level that
     reaches it is applied."""
-    from comfyui_streamline.nodes.planner import MemoryPlanner, describe
+    from comfyui_streamline.glue.planner import describe
+    from comfyui_streamline.nodes.planner import MemoryPlanner
 
     lat = latent()
     ladder = predictions(wan_model, lat)

@@ -153,7 +153,7 @@ def test_step_rehash_refuses_what_the_table_refuses(pack, variant):
 def test_step_rehash_reusing_an_unchanged_input_equals_stock(pack, variant):
     """A refresh call then a reusing call on the same input: the reused residual gives the stock
     output; at interval 1 every call is stock's."""
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.glue.step_rehash import STATE_KEY
     model = model_of(variant, layers=6)
     stock = forward(model, variant)
     rehashed = rehash(model, 2)
