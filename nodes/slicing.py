@@ -4,11 +4,14 @@ from comfy_api.v0_0_2 import io
 from ..core.slicing import SliceSettings
 from ..glue.slicing import sliced_model, sliced_vae
 
-FRAME_CHUNKS_TOOLTIP = ("Chunks of the batch x frames axis that spatial ops run in. 0 = auto (one frame "
-                        "per chunk). More chunks: lower peak, more kernel launches.")
-STRIP_CHUNKS_TOOLTIP = ("Strips of the width axis (bands of positions in temporal transformers) that temporal "
-                        "ops run in. 0 = auto (16 columns per strip). Values larger than an axis are clamped "
-                        "to one column per strip, with a warning.")
+FRAME_CHUNKS_TOOLTIP = ("Chunks that per-frame and per-token ops run in. Video UNets (SVD): the batch x frames "
+                        "axis, 0 = auto (as many frames as hold about 1.5 M values, at least one). DiTs (Wan): "
+                        "the token axis, 0 = auto (about 1,024 x 1,536 token-channels per chunk). More chunks: "
+                        "lower peak, more kernel launches.")
+STRIP_CHUNKS_TOOLTIP = ("Video UNets (SVD): strips of the width axis that temporal ops run in (bands of positions "
+                        "in temporal transformers), 0 = auto (16 columns per strip, bands of 65,536 "
+                        "position-channels). DiTs have no temporal ops: unused there. Values larger than an axis "
+                        "are clamped to one column per strip, with a warning.")
 
 
 def _chunk_inputs():
@@ -25,9 +28,10 @@ class FeatureSlicer(io.ComfyNode):
             node_id="StreamlineFeatureSlicer",
             display_name="Feature Slicer",
             category="Streamline/memory",
-            description="Runs the video model's spatial ops in frame chunks and its temporal ops in "
-                        "strips, with exact results (GroupNorm statistics over the whole tensor). "
-                        "Lowers peak VRAM; the output equals the unsliced model's.",
+            description="Runs the video model's ops in chunks: a UNet's spatial ops in frame chunks and its "
+                        "temporal ops in width strips (GroupNorm statistics over the whole tensor), a DiT's "
+                        "per-token ops in token chunks with attention split along queries. Lowers peak VRAM; "
+                        "the output equals the unsliced model's.",
             inputs=[io.Model.Input("model"), *_chunk_inputs()],
             outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
         )

@@ -77,3 +77,23 @@ def pytest_runtest_makereport(item, call):
     server = item.config.stash.get("comfy_server", None)
     if report.failed and server is not None and "comfy_server" in item.fixturenames:
         report.sections.append(("ComfyUI server log (tail)", server.log()[-15000:]))
+
+
+@pytest.fixture(scope="module")
+def svd_model(pack):
+    from devkit.model_fixtures import build_svd
+    from streamline_helpers import patcher
+    return patcher(build_svd("micro"))
+
+
+@pytest.fixture(scope="module")
+def svd_vae(pack):
+    from devkit.model_fixtures import build_svd_vae
+    return build_svd_vae()
+
+
+@pytest.fixture(scope="module")
+def wan_model(pack):
+    from devkit.model_fixtures import build_wan
+    from streamline_helpers import patcher
+    return patcher(build_wan("tiny"))

@@ -60,6 +60,15 @@ def _pack_errors(errors: list) -> list:
             and any(word in e.lower() for word in ("streamline", PACK_FOLDER_NAME.lower(), "memory_monitor"))]
 
 
+STABLE_CARD_JS = """(name) => {
+    const element = [...document.querySelectorAll('[role=dialog] *')]
+        .find((e) => e.children.length === 0 && e.textContent.trim() === name);
+    const stable = element !== undefined && element === window.streamlineCard && element.isConnected;
+    window.streamlineCard = element;
+    return stable;
+}"""
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_opens_from_the_templates_dialog(page, name, artifacts_dir):
     """Templates -> search the name -> click its card (extension templates are listed by file name):
@@ -72,6 +81,9 @@ def test_example_opens_from_the_templates_dialog(page, name, artifacts_dir):
     dialog.get_by_placeholder("Search").fill(name)
     card = dialog.get_by_text(name, exact=True).first
     card.wait_for(state="visible", timeout=30_000)
+    # the list re-renders while the search filters and the thumbnails load (a busy machine stretches
+    # that): click once the card's element has stayed the same over two polls
+    page.wait_for_function(STABLE_CARD_JS, arg=name, polling=250, timeout=30_000)
     card.click()
     expected = len(load_ui(name)["nodes"])
     page.wait_for_function(f"app.graph.nodes.length === {expected}", timeout=30_000)
@@ -173,7 +185,7 @@ def _show_monitor(page):
 
 
 def test_memory_monitor_widget_charts_the_running_prompt(page, pack, artifacts_dir):
-    from test_memory_chart import recording_of
+    from streamline_helpers import recording_of
 
     prompt = load_workflow("wan2.1_t2v_1.3B_sliced", stock=True)  # the shipped graph on the fixtures
     page.evaluate("async (prompt) => { await app.loadApiJson(prompt, 'wan21_t2v'); app.graph.arrange?.(60); }", prompt)

@@ -12,42 +12,16 @@ import pytest
 import torch
 
 from conftest import load_workflow
-from devkit.model_fixtures import WAN_TEXT_DIM, build_svd, build_wan, build_wan_vae
-from test_slicing_nodes import SAMPLING_TOLERANCE, node_output, patcher, relative_difference
+from devkit.model_fixtures import build_svd, build_wan, build_wan_vae
+from streamline_helpers import (NEGATIVE, POSITIVE, SAMPLING_TOLERANCE, cfg_patched, dualparal, dualparal_i2v,
+                               empty_latent, image_to_video, node_output, patcher, relative_difference,
+                               run_in_thread, ti2v_5b_conditioning, two_experts, worker_processes)
 
 
 @pytest.fixture(scope="module")
 def wan3(pack):
     """Three transformer layers: enough for three ranks."""
     return patcher(build_wan("tiny", layers=3))
-
-
-def conditioning(seed: int, tokens: int = 12):
-    return [[torch.randn(1, tokens, WAN_TEXT_DIM, generator=torch.Generator().manual_seed(seed)), {}]]
-
-
-POSITIVE, NEGATIVE = conditioning(1), conditioning(2, tokens=8)
-
-
-def empty_latent(frames, height=4, width=6):
-    return {"samples": torch.zeros(1, 16, frames, height, width)}
-
-
-def dualparal(model, latent, devices, frames_per_block=2, cache_frames=1, steps=3, cfg=4.0, seed=5, denoise=1.0,
-              sampler="euler", scheduler="simple"):
-    from comfyui_streamline.glue.dualparal import sample
-    return sample(model, POSITIVE, NEGATIVE, latent, seed, steps, cfg, sampler, scheduler, devices, frames_per_block,
-                  cache_frames, denoise)
-
-
-def worker_processes() -> list:
-    """This process's DualParal workers (spawned children, not multiprocessing's resource tracker)."""
-    def is_worker(process) -> bool:
-        try:
-            return process.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(process.cmdline())
-        except psutil.Error:  # ended meanwhile
-            return False
-    return [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
 
 
 @pytest.mark.parametrize("devices, frames, steps", [("cpu:2", 7, 3), ("cpu:3", 7, 3), ("cpu:2", 12, 8)])
@@ -125,29 +99,6 @@ def test_a_latent_four_times_longer_keeps_every_rank_peak_flat(wan3):
     for rank, (s, l) in enumerate(zip(short, long)):
         assert l.jobs > 3 * s.jobs
         assert l.peak_bytes <= 1.05 * s.peak_bytes, (rank, s.peak_bytes, l.peak_bytes)
-
-
-@contextmanager
-def run_in_thread(model, devices):
-    """A long DualParal run in a thread, yielded once its ranks are sampling (the first progress)."""
-    import comfy.utils
-
-    sampling, outcome = threading.Event(), {}
-    comfy.utils.set_progress_bar_global_hook(lambda *args, **kwargs: sampling.set())
-
-    def run():
-        try:
-            outcome["result"] = dualparal(model, empty_latent(8), devices, steps=100000)
-        except BaseException as error:  # noqa: BLE001 (the test inspects it)
-            outcome["error"] = error
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert sampling.wait(120) and thread.is_alive(), outcome
-        yield thread, outcome
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        thread.join(timeout=60)
 
 
 def test_a_killed_worker_stops_the_run_with_a_clear_error_and_the_next_run_works(wan3):
@@ -311,12 +262,12 @@ def _saved_latent(result, comfy_server) -> torch.Tensor:
 def _run_on_two_ranks_and_one(comfy_server, prompt):
     """Queues a DualParal example (node 7) on its two CPU ranks, then on one rank: both succeed, the
     video is saved whole, and the saved latents agree. Returns both results; `prompt` is left at one rank."""
-    from test_server_api import _frames, _saved
+    from streamline_helpers import frame_count, saved_files
 
     two = comfy_server.run(prompt)
     assert two.status == "success", two.error
-    videos = _saved(two, comfy_server, ".webp")
-    assert len(videos) == 1 and _frames(videos[0]) == prompt["6"]["inputs"]["length"]
+    videos = saved_files(two, comfy_server, ".webp")
+    assert len(videos) == 1 and frame_count(videos[0]) == prompt["6"]["inputs"]["length"]
     prompt["7"]["inputs"]["devices"] = "cpu:1"
     one = comfy_server.run(prompt)
     assert one.status == "success", one.error
@@ -405,25 +356,6 @@ def wan_i2v(pack):
     return patcher(build_wan("tiny", layers=3, variant="2.1 i2v"))
 
 
-def image_to_video(start_frames: int = 1, length: int = 13):
-    """WanImageToVideo's conditioning and latent for a start image (and its CLIP vision tokens)."""
-    from comfy_extras.nodes_wan import WanImageToVideo
-    from devkit.fixture_nodes import TinyCLIPVision
-
-    image = torch.rand(start_frames, 48, 64, 3, generator=torch.Generator().manual_seed(4))
-    clip_vision = TinyCLIPVision().load(0, 1280)[0].encode_image(image[:1])
-    out = WanImageToVideo.execute(POSITIVE, NEGATIVE, build_wan_vae("tiny"), 64, 48, length, 1, image, clip_vision)
-    positive, negative, latent = out.result if hasattr(out, "result") else out
-    return positive, negative, latent
-
-
-def dualparal_i2v(model, conditioning, devices, frames_per_block, cache_frames, sampler="euler"):
-    from comfyui_streamline.glue.dualparal import sample
-    positive, negative, latent = conditioning
-    return sample(model, positive, negative, latent, 5, 3, 4.0, sampler, "simple", devices, frames_per_block,
-                  cache_frames, 1.0)
-
-
 def test_image_to_video_with_one_block_samples_like_the_stock_workflow(wan_i2v):
     """WanImageToVideo's concat latent + mask and CLIP vision tokens, as ComfyUI's model takes them."""
     import nodes
@@ -487,13 +419,6 @@ def test_image_conditioning_that_does_not_fit_the_model_is_refused(wan3, wan_i2v
 def low_noise3(pack):
     """A second expert of the same structure as `wan3`, other weights (Wan 2.2 A14B's low-noise one)."""
     return patcher(build_wan("tiny", layers=3, seed=11))
-
-
-def two_experts(high, low, latent, devices, switch, frames_per_block=2, cache_frames=1, steps=4, sampler="euler",
-                seed=5, placement="auto"):
-    from comfyui_streamline.glue.dualparal import sample
-    return sample(high, POSITIVE, NEGATIVE, latent, seed, steps, 4.0, sampler, "simple", devices, frames_per_block,
-                  cache_frames, 1.0, low, switch, placement)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "uni_pc"])
@@ -625,17 +550,6 @@ def test_attention_patches_and_wrappers_it_cannot_run_are_refused_not_ignored(wa
     assert "experts" not in DualParalSampler.execute(model=planned, **inputs).result[1]
 
 
-def cfg_patched(model):
-    """The MODEL with three of ComfyUI's CFG patches: a cfg function, a post-cfg and a pre-cfg function."""
-    from comfy_extras.nodes_apg import APG
-    from comfy_extras.nodes_cfg import CFGZeroStar
-    from comfy_extras.nodes_model_advanced import RescaleCFG
-
-    model = RescaleCFG().patch(model, 0.7)[0]
-    model = node_output(CFGZeroStar, model)
-    return node_output(APG, model, 1.5, 0.0, 0.0)
-
-
 def test_cfg_patches_are_honoured_like_stock_ksampler_and_over_ranks(wan3, low_noise3):
     """RescaleCFG, CFGZeroStar and APG run in ComfyUI's own sampling function on each block's
     predictions: one block equals stock KSampler with the same patches, any ranks equal one rank,
@@ -726,16 +640,6 @@ def test_layers_that_cannot_be_sent_to_workers_are_refused_before_any_process(pa
         DualParalSampler.execute(devices="cpu:2", **inputs)
     assert not worker_processes()
     assert DualParalSampler.execute(devices="cpu:1", **inputs).result[0]["samples"].abs().max() > 0
-
-
-def ti2v_5b_conditioning(length: int = 21):
-    """Wan22ImageToVideoLatent: the start image's latent in frame 0, kept by the noise mask."""
-    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
-    from devkit.fixture_nodes import TinyWan22VAE
-
-    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(8))
-    out = Wan22ImageToVideoLatent.execute(TinyWan22VAE().load(0)[0], 64, 64, length, 1, image)
-    return (out.result if hasattr(out, "result") else out)[0]
 
 
 def test_wan22_ti2v_5b_image_to_video_samples_like_stock_and_over_ranks(pack):

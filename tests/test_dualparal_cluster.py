@@ -18,9 +18,9 @@ import torch
 from conftest import REPO_ROOT
 from devkit.comfy_env import comfyui_dir
 from devkit.model_fixtures import build_wan
-from test_dualparal import (NEGATIVE, POSITIVE, cfg_patched, dualparal, dualparal_i2v, empty_latent, image_to_video,
-                            run_in_thread, ti2v_5b_conditioning, two_experts)
-from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
+from streamline_helpers import (NEGATIVE, POSITIVE, SAMPLING_TOLERANCE, cfg_patched, dualparal, dualparal_i2v,
+                               empty_latent, image_to_video, patcher, relative_difference, run_in_thread,
+                               ti2v_5b_conditioning, two_experts)
 
 KEY = "streamline-test-key-0123456789"
 

@@ -9,8 +9,7 @@ from multiprocessing.connection import Listener
 import pytest
 
 from devkit.model_fixtures import build_wan
-from test_dualparal import NEGATIVE, POSITIVE, dualparal, empty_latent
-from test_slicing_nodes import patcher
+from streamline_helpers import NEGATIVE, POSITIVE, dualparal, empty_latent, patcher
 
 KEY = "streamline-test-key-0123456789"
 

@@ -1,36 +1,10 @@
 """The Memory Monitor's PNG chart: the geometry of its label layout (boxes, not pixels) at any number
 of steps, with very short and very long steps and long node titles."""
 import itertools
-import random
 
 import pytest
 
-GIB = 1024 ** 3
-LONG_TITLE = "A Very Long Custom Node Title That Somebody Typed Into The Title Field (copy)"
-
-
-def recording_of(n_steps: int, durations: str, vram: bool, long_labels: bool):
-    """A recording as the Recorder makes it: steps back to back, samples every 0.1 s (at most 2000)."""
-    from comfyui_streamline.core.memory.recording import Recording, Sample, StepRecord
-
-    rng = random.Random(n_steps * 7 + len(durations))
-    recording = Recording(f"{n_steps}-{durations}")
-    if not vram:
-        recording.vram_note = "VRAM unavailable: no CUDA device visible to this process"
-    t = 0.0
-    for i in range(n_steps):
-        length = {"short": 1e-4, "long": 900.0, "mixed": rng.choice([1e-4, 0.01, 0.5, 30.0, 600.0])}[durations]
-        label = f"#{i + 1} {LONG_TITLE if long_labels and i % 2 == 0 else 'KSampler'}"
-        recording.steps.append(StepRecord(str(i + 1), label, t, t + length, ram_peak=int((1 + rng.random()) * GIB),
-                                          vram_peak=int(rng.random() * 20 * GIB) if vram else None))
-        t += length
-    count = min(2000, max(2, int(t / 0.1)))
-    for k in range(count):
-        st = t * k / (count - 1)
-        vram_now = int(rng.random() * 18 * GIB) if vram else None
-        device_now = int(rng.random() * 22 * GIB) if vram else None
-        recording.samples.append(Sample(st, int((1 + rng.random()) * GIB), vram_now, device_now, None))
-    return recording
+from streamline_helpers import recording_of
 
 
 CASES = list(itertools.product([1, 5, 30, 200], ["short", "long", "mixed"], [False, True]))

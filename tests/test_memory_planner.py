@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from devkit.model_fixtures import build_svd, build_wan
-from test_slicing_nodes import SAMPLING_TOLERANCE, patcher, relative_difference
-from test_slicing_wan import sample
+from streamline_helpers import SAMPLING_TOLERANCE, patcher, relative_difference, sample_wan
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_planner_applies_the_least_slicing_that_fits(pack, wan_model):
         f"{ladder[tight_level][1] / 1024 ** 3:.3f} GiB <- fits"
     # each block, and the whole model (its self-check)
     assert len(chosen.object_patches) == len(chosen.get_model_object("diffusion_model").blocks) + 1
-    assert relative_difference(sample(chosen), sample(wan_model)) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample_wan(chosen), sample_wan(wan_model)) <= SAMPLING_TOLERANCE
     assert wan_model.object_patches == {}
 
 
@@ -140,9 +139,9 @@ def test_out_of_memory_during_sampling_retries_once_with_finer_slicing(pack, wan
         return executor(*args, **kwargs)
     planned.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test_oom", out_of_memory_once)
     with caplog.at_level(logging.WARNING):
-        result = sample(planned)
+        result = sample_wan(planned)
     assert failures == [1] and "retrying the step with Feature Slicer (auto chunks)" in caplog.text
-    assert relative_difference(result, sample(wan_model)) <= SAMPLING_TOLERANCE
+    assert relative_difference(result, sample_wan(wan_model)) <= SAMPLING_TOLERANCE
     blocks = wan_model.get_model_object("diffusion_model").blocks
     assert all(getattr(b.forward, "__func__", None) is type(b).forward for b in blocks)  # stock forwards again
 
@@ -150,8 +149,8 @@ def test_out_of_memory_during_sampling_retries_once_with_finer_slicing(pack, wan
     always.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test_oom",
                                 lambda executor, *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("again")))
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        sample(always)
-    assert sample(wan_model).shape == result.shape  # the stock model still samples afterwards
+        sample_wan(always)
+    assert sample_wan(wan_model).shape == result.shape  # the stock model still samples afterwards
 
 
 def test_planned_workflow_runs_through_the_api_and_samples_the_stock_latent(comfy_server):

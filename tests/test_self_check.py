@@ -17,8 +17,8 @@ from conftest import load_workflow
 from devkit.comfy_env import comfyui_version
 from devkit.model_fixtures import (SVD_CONTEXT_DIM, build_diffusers_svd_unet, build_diffusers_svd_vae, build_svd,
                                    build_svd_vae, build_wan, build_wan22_vae, build_wan_vae)
-from test_slicing_nodes import SAMPLING_TOLERANCE, TOLERANCE, node_output, patcher, relative_difference, sample
-from test_slicing_wan import wan_forward
+from streamline_helpers import (SAMPLING_TOLERANCE, TOLERANCE, node_output, patcher, relative_difference, sample_svd,
+                               wan_forward)
 
 ERROR = 1e-3  # a broken replacement's error, relative to its output's scale (fp32 tolerance: 1e-5)
 
@@ -217,13 +217,13 @@ def test_broken_svd_unet_blocks_run_stock_and_sampling_gives_the_stock_latent(se
     head): the group's leader, the UNet forward with the skip fusion, falls back as a whole."""
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    stock = sample(svd_model, frames=6)
+    stock = sample_svd(svd_model, frames=6)
     break_replacements(monkeypatch, self_check, lambda path: path in ("diffusion_model.input_blocks.1.1.forward",
                                                                       "diffusion_model.out.forward"))
     since = self_check.mark()
     sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 2, 2))
     with caplog.at_level(logging.WARNING):
-        assert relative_difference(sample(sliced, frames=6), stock) <= SAMPLING_TOLERANCE
+        assert relative_difference(sample_svd(sliced, frames=6), stock) <= SAMPLING_TOLERANCE
     results = outcomes(self_check, since)
     assert results.pop("diffusion_model") == self_check.FELL_BACK
     assert results.pop("diffusion_model.input_blocks.1.1") == self_check.FELL_BACK
@@ -237,13 +237,13 @@ def test_one_broken_svd_unet_block_is_found_by_its_own_probe(self_check, svd_mod
     own: the UNet's own patch group passes, the broken block alone runs stock and is named."""
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    stock = sample(svd_model, frames=6)
+    stock = sample_svd(svd_model, frames=6)
     broken = "diffusion_model.middle_block.0"
     break_replacements(monkeypatch, self_check, lambda path: path == broken + ".forward")
     since = self_check.mark()
     sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 2, 2))
     with caplog.at_level(logging.WARNING):
-        assert relative_difference(sample(sliced, frames=6), stock) <= SAMPLING_TOLERANCE
+        assert relative_difference(sample_svd(sliced, frames=6), stock) <= SAMPLING_TOLERANCE
     results = outcomes(self_check, since)
     assert results.pop(broken) == self_check.FELL_BACK
     assert results.pop("diffusion_model") == self_check.PASSED

@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import PACK_FOLDER_NAME, load_workflow
 from devkit.comfy_server import PromptRejected
+from streamline_helpers import frame_count, saved_files
 
 PACK_NODES = {"StreamlineMemoryMonitor": "Memory Monitor"}
 WAN_T2V, SVD = "wan2.1_t2v_1.3B_sliced", "svd_xt_img2vid_sliced"  # shipped examples (run without the slicing nodes)
@@ -35,22 +36,13 @@ def test_web_directory_is_served_to_the_frontend(comfy_server):
     assert "Streamline.MemoryMonitor" in requests.get(comfy_server.url + script, timeout=10).text
 
 
-def _frames(path) -> int:
-    with Image.open(path) as image:
-        return getattr(image, "n_frames", 1)
-
-
-def _saved(result, comfy_server, suffix):
-    return [p for p in result.files(comfy_server.output_dir) if p.suffix == suffix]
-
-
 def test_stock_svd_img2vid_workflow_runs_to_saved_video(comfy_server):
     prompt = load_workflow(SVD, stock=True)
     result = comfy_server.run(prompt)
     assert result.status == "success", result.error
-    videos = _saved(result, comfy_server, ".webp")
+    videos = saved_files(result, comfy_server, ".webp")
     assert len(videos) == 1 and videos[0].is_file()
-    assert _frames(videos[0]) == prompt["4"]["inputs"]["video_frames"]
+    assert frame_count(videos[0]) == prompt["4"]["inputs"]["video_frames"]
     assert list((comfy_server.output_dir / "streamline").glob("svd_img2vid*.latent"))
 
 
@@ -58,9 +50,9 @@ def test_stock_wan21_t2v_workflow_runs_to_saved_video(comfy_server):
     prompt = load_workflow(WAN_T2V, stock=True)
     result = comfy_server.run(prompt)
     assert result.status == "success", result.error
-    videos = _saved(result, comfy_server, ".webp")
+    videos = saved_files(result, comfy_server, ".webp")
     assert len(videos) == 1
-    assert _frames(videos[0]) == prompt["6"]["inputs"]["length"]
+    assert frame_count(videos[0]) == prompt["6"]["inputs"]["length"]
 
 
 def _reports(comfy_server, prefix):

@@ -3,56 +3,9 @@ own sampling and decoding paths: sliced results equal the stock ones, the input 
 import pytest
 import torch
 
-from devkit.model_fixtures import SVD_CONTEXT_DIM, build_svd, build_svd_vae
-
-TOLERANCE = 1e-5  # fp32: max abs difference relative to the output's scale
-# A sampled latent carries the sampler's amplification of fp32 rounding: on the micro SVD, stock fp32
-# sampling is itself 5.6e-5 away from the same sampling in float64
-# (test_sliced_sampling_is_as_close_to_float64_as_stock checks slicing adds no more than that).
-SAMPLING_TOLERANCE = 1e-4
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def patcher(model):
-    import comfy.model_management
-    import comfy.model_patcher
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
-
-
-@pytest.fixture(scope="module")
-def svd_model(pack):
-    return patcher(build_svd("micro"))
-
-
-@pytest.fixture(scope="module")
-def svd_vae(pack):
-    return build_svd_vae()
-
-
-def svd_conditioning(frames: int, height: int, width: int, seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    concat = torch.randn(1, 4, height, width, generator=generator)
-    extra = {"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.0, "concat_latent_image": concat}
-    positive = [[torch.randn(1, 1, SVD_CONTEXT_DIM, generator=generator), dict(extra)]]
-    negative = [[torch.zeros(1, 1, SVD_CONTEXT_DIM), {**extra, "concat_latent_image": torch.zeros_like(concat)}]]
-    return positive, negative
-
-
-def sample(model, frames=5, height=5, width=7, steps=2, cfg=2.5, seed=3):
-    import comfy.sample
-    latent = torch.zeros(frames, 4, height, width)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    positive, negative = svd_conditioning(frames, height, width)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "karras", positive, negative, latent,
-                               seed=seed, disable_pbar=True)
-
-
-def node_output(node_class, *args):
-    return node_class.execute(*args).result[0]
+from devkit.model_fixtures import SVD_CONTEXT_DIM, build_svd
+from streamline_helpers import (SAMPLING_TOLERANCE, TOLERANCE, node_output, patcher, relative_difference, sample_svd,
+                               svd_conditioning)
 
 
 @pytest.mark.parametrize("frames, height, width, frame_chunks, strip_chunks", [
@@ -64,20 +17,20 @@ def test_slicer_and_grouper_sample_the_stock_latent(pack, svd_model, frames, hei
                                                     frame_chunks, strip_chunks):
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    stock = sample(svd_model, frames, height, width)
+    stock = sample_svd(svd_model, frames, height, width)
     sliced = node_output(FeatureSlicer, svd_model, frame_chunks, strip_chunks)
     grouped = node_output(OperatorGrouper, sliced)
     for model in (sliced, grouped):
-        assert relative_difference(sample(model, frames, height, width), stock) <= SAMPLING_TOLERANCE
+        assert relative_difference(sample_svd(model, frames, height, width), stock) <= SAMPLING_TOLERANCE
 
 
 def test_sliced_sampling_is_as_close_to_float64_as_stock(pack, svd_model):
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    truth = sample(patcher(build_svd("micro", dtype=torch.float64)), frames=14).double()
-    stock_error = relative_difference(sample(svd_model, frames=14).double(), truth)
+    truth = sample_svd(patcher(build_svd("micro", dtype=torch.float64)), frames=14).double()
+    stock_error = relative_difference(sample_svd(svd_model, frames=14).double(), truth)
     grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 4, 3))
-    assert relative_difference(sample(grouped, frames=14).double(), truth) <= 1.5 * stock_error + 1e-6
+    assert relative_difference(sample_svd(grouped, frames=14).double(), truth) <= 1.5 * stock_error + 1e-6
 
 
 def test_grouper_then_slicer_equals_slicer_then_grouper(pack, svd_model):
@@ -87,19 +40,19 @@ def test_grouper_then_slicer_equals_slicer_then_grouper(pack, svd_model):
     b = node_output(FeatureSlicer, node_output(OperatorGrouper, svd_model), 2, 5)
     settings = [m.model_options["transformer_options"]["streamline_slicing"] for m in (a, b)]
     assert settings[0] == settings[1] and settings[0].group_ops
-    assert relative_difference(sample(b), sample(a)) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample_svd(b), sample_svd(a)) <= SAMPLING_TOLERANCE
 
 
 def test_input_model_is_not_mutated_and_bypassing_restores_stock(pack, svd_model):
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    before = sample(svd_model)
+    before = sample_svd(svd_model)
     patched = node_output(OperatorGrouper, node_output(FeatureSlicer, svd_model, 3, 2))
     assert svd_model.object_patches == {} and "streamline_slicing" not in svd_model.model_options.get(
         "transformer_options", {})
     assert len(patched.object_patches) > 0
-    sample(patched)
-    after = sample(svd_model)
+    sample_svd(patched)
+    after = sample_svd(svd_model)
     assert torch.equal(after, before)
     unet = svd_model.get_model_object("diffusion_model")
     for block in unet.modules():
@@ -110,9 +63,9 @@ def test_input_model_is_not_mutated_and_bypassing_restores_stock(pack, svd_model
 def test_chunk_counts_larger_than_the_axes_are_clamped_with_a_warning(pack, svd_model, caplog):
     from comfyui_streamline.nodes.slicing import FeatureSlicer
 
-    stock = sample(svd_model, frames=3)
+    stock = sample_svd(svd_model, frames=3)
     sliced = node_output(FeatureSlicer, svd_model, 4096, 4095)
-    assert relative_difference(sample(sliced, frames=3), stock) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample_svd(sliced, frames=3), stock) <= SAMPLING_TOLERANCE
     assert "frame_chunks=4096 is more than" in caplog.text and "strip_chunks=4095 is more than" in caplog.text
 
 
@@ -223,10 +176,10 @@ def test_skip_fusion_runs_after_other_output_block_patches(pack, svd_model):
         clone = model.clone()
         clone.set_model_output_block_patch(scale_skip)
         return clone
-    stock = sample(with_patch(svd_model))
-    assert relative_difference(stock, sample(svd_model)) > 1e-3
-    assert relative_difference(sample(with_patch(node_output(OperatorGrouper, svd_model))), stock) <= SAMPLING_TOLERANCE
-    assert relative_difference(sample(node_output(OperatorGrouper, with_patch(svd_model))), stock) <= SAMPLING_TOLERANCE
+    stock = sample_svd(with_patch(svd_model))
+    assert relative_difference(stock, sample_svd(svd_model)) > 1e-3
+    assert relative_difference(sample_svd(with_patch(node_output(OperatorGrouper, svd_model))), stock) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample_svd(node_output(OperatorGrouper, with_patch(svd_model))), stock) <= SAMPLING_TOLERANCE
 
 
 def test_sliced_vae_decodes_all_frames_in_one_batch_where_stock_splits_them(pack, svd_vae, monkeypatch):

@@ -89,7 +89,7 @@ def test_offloaded_layers_fetch_their_weights_once_per_forward_however_fine_the_
     through the host's own cast: the same bytes as stock, with weight patches (as a LoRA applies
     under low VRAM), and the stock output."""
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
-    from test_slicing_nodes import TOLERANCE, node_output, patcher, relative_difference
+    from streamline_helpers import TOLERANCE, node_output, patcher, relative_difference
 
     model = patcher(model_fixtures.build_wan("tiny") if family == "wan" else model_fixtures.build_svd("micro"))
     call = wan_inputs() if family == "wan" else svd_inputs()
@@ -118,7 +118,7 @@ def test_offloaded_vae_decoder_layers_fetch_their_weights_once_per_decode(pack):
     patch on a convolution: the grouped VAE Slicer decodes the stock frames and fetches each layer's
     weight as often as the stock decode does."""
     from comfyui_streamline.core.slicing import SliceSettings, apply_slicing, remove_slicing
-    from test_slicing_nodes import TOLERANCE, relative_difference
+    from streamline_helpers import TOLERANCE, relative_difference
 
     vae = model_fixtures.build_svd_vae().first_stage_model
     model_fixtures.offload_every_layer(vae)

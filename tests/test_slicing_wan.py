@@ -6,25 +6,8 @@ import pytest
 import torch
 
 from devkit.model_fixtures import WAN_TEXT_DIM, build_wan
-from test_slicing_nodes import SAMPLING_TOLERANCE, TOLERANCE, node_output, patcher, relative_difference
-
-
-@pytest.fixture(scope="module")
-def wan_model(pack):
-    return patcher(build_wan("tiny"))
-
-
-def wan_forward(model, frames, height, width, seed=0, timestep=None):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, frames, height, width, generator=generator)
-    context = torch.randn(1, 20, WAN_TEXT_DIM, generator=generator)
-    model.patch_model()
-    try:
-        with torch.inference_mode():
-            return model.model.diffusion_model(x, torch.tensor([0.6]) if timestep is None else timestep, context,
-                                               transformer_options=model.model_options.get("transformer_options", {}))
-    finally:
-        model.unpatch_model()
+from streamline_helpers import (SAMPLING_TOLERANCE, TOLERANCE, node_output, patcher, relative_difference, sample_wan,
+                               wan_forward)
 
 
 @pytest.mark.parametrize("frames, height, width, frame_chunks, group", [
@@ -99,23 +82,12 @@ def test_sliced_wan_calls_the_attention_hooks_where_the_host_block_does(pack, wa
         assert relative_difference(wan_forward(sliced, 5, 6, 10), stock) <= TOLERANCE
 
 
-def sample(model, frames=3):
-    import comfy.sample
-
-    latent = torch.zeros(1, 16, frames, 6, 8)
-    generator = torch.Generator().manual_seed(1)
-    positive = [[torch.randn(1, 12, WAN_TEXT_DIM, generator=generator), {}]]
-    negative = [[torch.zeros(1, 12, WAN_TEXT_DIM), {}]]
-    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 4), 3, 4.0, "euler", "simple",
-                               positive, negative, latent, seed=4, disable_pbar=True)
-
-
 def test_sliced_wan_samples_the_stock_latent(pack, wan_model):
     from comfyui_streamline.nodes.slicing import FeatureSlicer, OperatorGrouper
 
-    stock = sample(wan_model)
+    stock = sample_wan(wan_model)
     grouped = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 3, 0))
-    assert relative_difference(sample(grouped), stock) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample_wan(grouped), stock) <= SAMPLING_TOLERANCE
     assert wan_model.object_patches == {}
 
 
@@ -135,10 +107,10 @@ def test_sliced_wan_composes_with_stock_context_windows(pack, wan_model):
     def sliced(model):
         return node_output(OperatorGrouper, node_output(FeatureSlicer, model, 2, 0))
     frames = 7
-    stock = sample(windows(wan_model), frames)
-    assert relative_difference(stock, sample(wan_model, frames)) > 1e-3  # the windows change the result
+    stock = sample_wan(windows(wan_model), frames)
+    assert relative_difference(stock, sample_wan(wan_model, frames)) > 1e-3  # the windows change the result
     for model in (sliced(windows(wan_model)), windows(sliced(wan_model))):
-        assert relative_difference(sample(model, frames), stock) <= SAMPLING_TOLERANCE
+        assert relative_difference(sample_wan(model, frames), stock) <= SAMPLING_TOLERANCE
 
 
 def test_sliced_wan21_i2v_forward_equals_stock(pack):

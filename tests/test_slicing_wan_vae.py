@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from devkit.model_fixtures import build_image_vae, build_wan22_vae, build_wan_vae
-from test_slicing_nodes import TOLERANCE, node_output, relative_difference
+from streamline_helpers import TOLERANCE, node_output, relative_difference
 
 
 @pytest.fixture(scope="module")

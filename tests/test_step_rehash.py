@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from devkit.model_fixtures import build_wan
-from test_slicing_nodes import SAMPLING_TOLERANCE, node_output, patcher, relative_difference, sample, svd_model  # noqa: F401
+from streamline_helpers import SAMPLING_TOLERANCE, node_output, patcher, relative_difference, sample_svd
 
 
 def rehash(model, interval=3, shallow_blocks=1, full_first_steps=1, full_last_steps=1):
@@ -23,14 +23,14 @@ def deep_layer_calls(model, steps: int) -> int:
     calls = []
     handle = unet.middle_block[0].in_layers.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
-        sample(model, steps=steps)
+        sample_svd(model, steps=steps)
     finally:
         handle.remove()
     return len(calls)
 
 
 def test_refreshing_every_step_samples_the_stock_latent(svd_model):
-    assert torch.equal(sample(rehash(svd_model, interval=1), steps=4), sample(svd_model, steps=4))
+    assert torch.equal(sample_svd(rehash(svd_model, interval=1), steps=4), sample_svd(svd_model, steps=4))
 
 
 def test_steps_between_refreshes_reuse_the_deep_features(svd_model, caplog):
@@ -41,13 +41,13 @@ def test_steps_between_refreshes_reuse_the_deep_features(svd_model, caplog):
     with caplog.at_level(logging.INFO):
         assert deep_layer_calls(rehashed, 6) == stock_calls * 4 // 6
     assert "Step Rehash: 2 of 6 model calls reused the deep features" in caplog.text
-    ours, stock = sample(rehashed, steps=6), sample(svd_model, steps=6)
+    ours, stock = sample_svd(rehashed, steps=6), sample_svd(svd_model, steps=6)
     assert torch.isfinite(ours).all() and relative_difference(ours, stock) > 1e-6
 
 
 def test_the_shallow_blocks_run_on_reusing_steps(svd_model):
     """The reused result depends on the shallow path: a different input block count changes it."""
-    one, two = (sample(rehash(svd_model, shallow_blocks=blocks), steps=5) for blocks in (1, 2))
+    one, two = (sample_svd(rehash(svd_model, shallow_blocks=blocks), steps=5) for blocks in (1, 2))
     assert relative_difference(one, two) > 1e-6
 
 
@@ -60,18 +60,18 @@ def test_it_composes_with_the_feature_slicer_and_operator_grouper(svd_model, ord
     def slice_(model):
         return node_output(OperatorGrouper, node_output(FeatureSlicer, model, 2, 3))
     both = rehash(slice_(svd_model)) if order == "slicer first" else slice_(rehash(svd_model))
-    assert relative_difference(sample(both, steps=5), sample(rehash(svd_model), steps=5)) <= SAMPLING_TOLERANCE
+    assert relative_difference(sample_svd(both, steps=5), sample_svd(rehash(svd_model), steps=5)) <= SAMPLING_TOLERANCE
     assert deep_layer_calls(both, 5) < deep_layer_calls(slice_(svd_model), 5)
 
 
 def test_the_input_model_is_untouched_and_bypassing_gives_stock(svd_model):
-    before = sample(svd_model, steps=4)
+    before = sample_svd(svd_model, steps=4)
     rehashed = rehash(svd_model)
-    sample(rehashed, steps=4)
+    sample_svd(rehashed, steps=4)
     assert svd_model.object_patches == {}
     assert "streamline_step_rehash" not in svd_model.model_options.get("transformer_options", {})
     assert not svd_model.wrappers.get("diffusion_model")
-    assert torch.equal(sample(svd_model, steps=4), before)
+    assert torch.equal(sample_svd(svd_model, steps=4), before)
 
 
 def test_models_and_settings_it_cannot_run_are_refused(svd_model):

@@ -10,7 +10,7 @@ import torch
 
 from devkit.comfy_env import comfyui_version
 from devkit.model_fixtures import WAN_TEXT_DIM, WAN_VARIANTS, build_wan, host_has_wan_variant
-from test_slicing_nodes import TOLERANCE, node_output, patcher, relative_difference
+from streamline_helpers import TOLERANCE, node_output, patcher, relative_difference
 
 FRAMES, HEIGHT, WIDTH = 5, 6, 10
 

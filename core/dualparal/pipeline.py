@@ -63,7 +63,6 @@ class RankStats:
     wait_s: float = 0.0
     sent_bytes: int = 0
     peak_bytes: int = 0
-    job_compute_s: list = field(default_factory=list)
     phase: str = ""  # with the experts swapped per phase: the expert this rank's run held
 
 
@@ -124,7 +123,6 @@ class _Timer:
             torch.cuda.current_stream().synchronize()
         seconds = time.perf_counter() - self.started
         self.stats.compute_s += seconds
-        self.stats.job_compute_s.append(seconds)
         self.stats.jobs += 1
 
 

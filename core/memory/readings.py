@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -30,9 +30,6 @@ class MemorySnapshot:
     ram_peak: int | None
     devices: list[DeviceMemory] = field(default_factory=list)
     vram_note: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _process_ram_peak() -> int | None:
