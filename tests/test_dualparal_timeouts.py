@@ -31,23 +31,29 @@ def silent_listener(monkeypatch):
         yield port
 
 
-@pytest.fixture
-def key_holder_that_never_greets(monkeypatch):
-    """A peer that passes the key handshake, then sends nothing."""
+def key_holder(monkeypatch, behaviour):
+    """A peer on loopback that passes the key handshake with ComfyUI's first connection, then runs
+    `behaviour(connection, event)`; yields (port, event) with ComfyUI allowed to connect to it."""
     listener = Listener(("127.0.0.1", 0), authkey=KEY.encode())
-    held, accepted = [], threading.Event()
+    held, event = [], threading.Event()
 
-    def accept():
+    def serve():
         held.append(listener.accept())
-        accepted.set()
-    threading.Thread(target=accept, daemon=True).start()
+        behaviour(held[0], event)
+    threading.Thread(target=serve, daemon=True).start()
     port = listener.address[1]
     monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", KEY)
     monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", f"127.0.0.1:{port}")
-    yield port, accepted
+    yield port, event
     for connection in held:
         connection.close()
     listener.close()
+
+
+@pytest.fixture
+def key_holder_that_never_greets(monkeypatch):
+    """A peer that passes the key handshake, then sends nothing; the event: it was reached."""
+    yield from key_holder(monkeypatch, lambda connection, accepted: accepted.set())
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +65,15 @@ def wan_70mb(pack):
 @pytest.fixture
 def key_holder_that_stops_reading(monkeypatch):
     """A peer that passes the key handshake, greets with one device, reads the request, then reads
-    nothing more; `stopped` is set once ComfyUI has begun sending the layers."""
+    nothing more; the event: ComfyUI has begun sending the layers."""
     from comfyui_streamline.core.dualparal import wire
-    listener = Listener(("127.0.0.1", 0), authkey=KEY.encode())
-    held, stopped = [], threading.Event()
 
-    def serve():
-        connection = listener.accept()
-        held.append(connection)
+    def stop_reading(connection, stopped):
         connection.send_bytes(wire.encode({"kind": "devices", "devices": ["peer cpu"]}))
         connection.recv_bytes()
         if connection.poll(60):
             stopped.set()
-    threading.Thread(target=serve, daemon=True).start()
-    port = listener.address[1]
-    monkeypatch.setenv("STREAMLINE_DUALPARAL_KEY", KEY)
-    monkeypatch.setenv("STREAMLINE_DUALPARAL_CLUSTERS", f"127.0.0.1:{port}")
-    yield port, stopped
-    for connection in held:
-        connection.close()
-    listener.close()
+    yield from key_holder(monkeypatch, stop_reading)
 
 
 def peer_timeouts(monkeypatch, **seconds):

@@ -105,7 +105,7 @@ def test_a_broken_wan_block_runs_stock_and_the_log_names_it(self_check, wan_mode
     stock = wan_forward(wan_model, 5, 6, 10)
     break_replacements(monkeypatch, self_check, lambda path: path == "diffusion_model.blocks.1.forward")
     with monkeypatch.context() as unchecked:  # the break is real: unchecked, the output is wrong
-        unchecked.setattr(self_check, "ENABLED", False)
+        unchecked.setattr(self_check.checker, "ENABLED", False)
         assert relative_difference(wan_forward(node_output(FeatureSlicer, wan_model, 3, 0), 5, 6, 10), stock) > 1e-4
     since = self_check.mark()
     sliced = node_output(OperatorGrouper, node_output(FeatureSlicer, wan_model, 3, 0))
@@ -284,7 +284,7 @@ def test_the_wan_vae_slicer_that_comfyui_033_broke_falls_back_there(self_check, 
     with torch.inference_mode():
         stock = vae.decode(z)
         with monkeypatch.context() as unchecked:
-            unchecked.setattr(self_check, "ENABLED", False)
+            unchecked.setattr(self_check.checker, "ENABLED", False)
             wrong = apply_slicing(vae, SliceSettings(strip_chunks=2)).decode(z)
             remove_slicing(vae)
         since = self_check.mark()
@@ -412,7 +412,7 @@ def test_a_row_marked_unchecked_runs_sliced_and_says_so_at_debug_level(self_chec
     from comfyui_streamline.core.slicing import SliceSettings, apply_slicing
 
     monkeypatch.setitem(self_check.PROBES, "wan_block_forward", self_check.UNCHECKED_PROBE)
-    monkeypatch.setattr(self_check, "_unchecked_logged", set())
+    monkeypatch.setattr(self_check.checker, "_unchecked_logged", set())
     model = build_wan("tiny").diffusion_model
     x, context = torch.randn(1, 16, 2, 4, 6), torch.randn(1, 12, 4096)
     since = self_check.mark()

@@ -40,7 +40,7 @@ def test_wan_vae_slicer_cuts_the_decode_into_strips_with_their_own_caches(pack, 
 
     from comfyui_streamline.core.slicing import self_check
 
-    monkeypatch.setattr(self_check, "ENABLED", False)  # counts the sliced decode's own calls: no self-check probe
+    monkeypatch.setattr(self_check.checker, "ENABLED", False)  # counts the sliced decode's own calls: no self-check probe
     head = wan_vae.first_stage_model.decoder.head[-1]
     calls = []
     forward = type(head).forward
@@ -96,7 +96,7 @@ def test_sliced_wan_vae_estimate_lets_comfyui_decode_the_batch_at_once(pack, wan
     from comfyui_streamline.core.slicing import self_check
     from comfyui_streamline.nodes.slicing import VAESlicer
 
-    monkeypatch.setattr(self_check, "ENABLED", False)  # counts the decode's own batches: no self-check probe
+    monkeypatch.setattr(self_check.checker, "ENABLED", False)  # counts the decode's own batches: no self-check probe
     z = latent(16, 3, 4, 6, batch=2)
     sliced = node_output(VAESlicer, wan_vae, 0, 4, True, False)
     stock_estimate = wan_vae.memory_used_decode(z.shape, wan_vae.vae_dtype)

@@ -120,9 +120,9 @@ def test_the_whole_model_check_catches_a_block_exact_alone_but_wrong_in_its_call
                                                     for f in registry.FAMILIES))
     model = model_of("2.1 vace")
     stock = forward(model, "2.1 vace")
-    monkeypatch.setattr(self_check, "ENABLED", False)
+    monkeypatch.setattr(self_check.checker, "ENABLED", False)
     assert relative_difference(forward(sliced(model), "2.1 vace"), stock) > 1e-2  # the bug, unchecked
-    monkeypatch.setattr(self_check, "ENABLED", True)
+    monkeypatch.setattr(self_check.checker, "ENABLED", True)
     mark = self_check.mark()
     with caplog.at_level(logging.WARNING):
         assert relative_difference(forward(sliced(model), "2.1 vace"), stock) <= TOLERANCE
