@@ -169,11 +169,25 @@ def test_a_model_that_is_not_wan_and_a_masked_latent_are_refused(pack):
 
 def open_handles() -> tuple:
     """File descriptors, threads and multiprocessing semaphores (/dev/shm/sem.mp-*) of this process,
-    and the shared-memory segments."""
+    and the shared-memory segments, once the resource sharer is done with every earlier request."""
     gc.collect()  # queues in reference cycles unlink their semaphores when collected
+    _resource_sharer_settled()
     shm = os.listdir("/dev/shm")
     return (len(os.listdir("/proc/self/fd")), threading.active_count(),
             len([f for f in shm if f.startswith("sem.")]), len([f for f in shm if not f.startswith("sem.")]))
+
+
+def _resource_sharer_settled() -> None:
+    """multiprocessing's resource sharer serves one request at a time, in order: a handle fetched
+    through it now comes back once it has finished (and closed) every earlier one, such as a killed
+    worker's."""
+    from multiprocessing import resource_sharer
+    read, write = os.pipe()
+    try:
+        os.close(resource_sharer.DupFd(read).detach())
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 @pytest.fixture(scope="module")
