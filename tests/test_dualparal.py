@@ -177,6 +177,19 @@ def open_handles() -> tuple:
             len([f for f in shm if f.startswith("sem.")]), len([f for f in shm if not f.startswith("sem.")]))
 
 
+def settled_handles(until=None, timeout_s: float = 30.0) -> tuple:
+    """open_handles() once it holds still (two readings alike; on a busy machine a killed worker's
+    last handles close a moment late) or, with `until`, once it reads that; the last reading after
+    `timeout_s`."""
+    deadline, reading = time.monotonic() + timeout_s, open_handles()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)  # between two readings of a count that settles: not a wait for an event
+        previous, reading = reading, open_handles()
+        if reading == until or until is None and reading == previous:
+            break
+    return reading
+
+
 def _resource_sharer_settled() -> None:
     """multiprocessing's resource sharer serves one request at a time, in order: a handle fetched
     through it now comes back once it has finished (and closed) every earlier one, such as a killed
@@ -255,10 +268,10 @@ def test_interrupted_runs_release_every_thread_descriptor_semaphore_and_segment(
             comfy.model_management.interrupt_current_processing(False)
         assert not worker_processes()
     interrupted_run()  # the first run moves the weights into shared memory, once
-    before = open_handles()
+    before = settled_handles()
     for _ in range(10):
         interrupted_run()
-    assert open_handles() == before
+    assert settled_handles(until=before) == before
 
 
 def _server_workers(comfy_server) -> list:
