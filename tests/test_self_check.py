@@ -59,8 +59,8 @@ def break_replacements(monkeypatch, self_check, broken):
         return lambda module, settings: {key: with_error(value) if broken(base + key) else value
                                          for key, value in make(module, settings).items()}
 
-    monkeypatch.setattr(self_check, "checked", lambda module, make, settings, base="":
-                        checked(module, breaking(make, base), settings, base))
+    monkeypatch.setattr(self_check, "checked", lambda module, make, settings, base, probes:
+                        checked(module, breaking(make, base), settings, base, probes))
 
 
 def fail_first_call(monkeypatch, self_check, path, error):
@@ -81,8 +81,8 @@ def fail_first_call(monkeypatch, self_check, path, error):
         return lambda module, settings: {key: failing_once(value) if base + key == path else value
                                          for key, value in make(module, settings).items()}
 
-    monkeypatch.setattr(self_check, "checked", lambda module, make, settings, base="":
-                        checked(module, making(make, base), settings, base))
+    monkeypatch.setattr(self_check, "checked", lambda module, make, settings, base, probes:
+                        checked(module, making(make, base), settings, base, probes))
 
 
 def outcomes(self_check, since) -> dict:
@@ -404,14 +404,17 @@ def test_the_probe_never_runs_stock_on_the_full_input(self_check, wan_model):
         apply_slicing(model, SliceSettings(group_ops=True))
         model(x, torch.tensor([0.3]), context)
         remove_slicing(model)
-    whole_model_probe = self_check.WHOLE_MODEL_FRAMES * (self_check.WHOLE_MODEL_SIDE // 2) ** 2  # 2x2 patches
-    assert seen == [self_check.PROBE_TOKENS] * len(model.blocks) + [whole_model_probe] * len(model.blocks)
+    from comfyui_streamline.core.slicing.families import wan
+    whole_model_probe = wan.WHOLE_MODEL_FRAMES * (wan.WHOLE_MODEL_SIDE // 2) ** 2  # 2x2 patches
+    assert seen == [wan.PROBE_TOKENS] * len(model.blocks) + [whole_model_probe] * len(model.blocks)
 
 
 def test_a_row_marked_unchecked_runs_sliced_and_says_so_at_debug_level(self_check, monkeypatch, caplog):
     from comfyui_streamline.core.slicing import SliceSettings, apply_slicing
+    from comfyui_streamline.core.slicing.families import FAMILIES
 
-    monkeypatch.setitem(self_check.PROBES, "wan_block_forward", self_check.UNCHECKED_PROBE)
+    wan_dit = next(family for family in FAMILIES if family.root == "WanModel")
+    monkeypatch.setitem(wan_dit.probes, "wan_block_forward", self_check.UNCHECKED_PROBE)
     monkeypatch.setattr(self_check.checker, "_unchecked_logged", set())
     model = build_wan("tiny").diffusion_model
     x, context = torch.randn(1, 16, 2, 4, 6), torch.randn(1, 12, 4096)
@@ -427,17 +430,19 @@ def test_a_row_marked_unchecked_runs_sliced_and_says_so_at_debug_level(self_chec
 
 
 def test_every_row_of_the_block_table_has_a_probe(self_check):
-    """Adding a family means adding its probe rows: every maker of every family's patches is in PROBES."""
+    """Adding a family means adding its probe rows: every maker of every family's patches has a probe in
+    its family's row."""
     from comfyui_streamline.core.slicing import SliceSettings, slicing_patches
 
     models = [build_wan("tiny").diffusion_model, build_wan_vae("tiny").first_stage_model, build_wan22_vae("tiny"),
               build_svd("micro").diffusion_model, build_svd_vae().first_stage_model,
               build_diffusers_svd_unet("tiny"), build_diffusers_svd_vae("tiny")]
-    makers = set()
+    probes = {}
     for model in models:
         for settings in (SliceSettings(), SliceSettings(group_ops=True)):
-            makers |= {checker.maker for checker in slicing_patches(model, settings).values()}
-    assert makers and all(self_check.PROBES.get(maker) is not None for maker in makers), makers
+            probes.update({checker.maker: checker.probe for checker in slicing_patches(model, settings).values()})
+    missing = [maker for maker, probe in probes.items() if probe in (None, self_check.checker._MISSING)]
+    assert len(probes) >= 10 and not missing, missing
 
 
 def test_compare_tolerances(self_check):

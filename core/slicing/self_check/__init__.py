@@ -20,19 +20,17 @@ against the host's code alone and the warning names the block that differs. A pr
 of memory, or finds dropout active, leaves its block sliced and unchecked (with a warning); the
 host's interrupt passes through.
 
-What a probe of each block is comes from PROBES, keyed like the block table's rows
-(registry.FAMILIES) by the maker of the sliced forward; a maker marked UNCHECKED runs unchecked
-(logged once at debug level). Adding a family means adding its rows there too.
+What a probe of each block is comes from its family's row (families/: `Family.probes`, keyed by
+the maker of the sliced forward); a maker marked UNCHECKED_PROBE runs unchecked (logged once at
+debug level). The mechanism here knows no family.
 """
 from .checker import ENABLED, Checker, checked, link_groups
 from .comparison import EXACT_TOLERANCE, LOW_PRECISION_TOLERANCE, compare, tolerance
-from .probes import (PROBE_TOKENS, PROBES, UNCHECKED_PROBE, WHOLE_MODEL_FRAMES, WHOLE_MODEL_SIDE,
-                     WHOLE_MODEL_TEXT_TOKENS, Probe, ProbeSettings, maker_of)
+from .probes import UNCHECKED_PROBE, Probe, ProbeSettings, maker_of
 from .results import (FELL_BACK, NOT_CHECKED, PASSED, UNCHECKED, CheckResult, add_listener, fallbacks, host_version,
                       mark, new_round, remove_listener, results, tagged)
 
 __all__ = ["ENABLED", "Checker", "checked", "link_groups", "EXACT_TOLERANCE", "LOW_PRECISION_TOLERANCE", "compare",
-           "tolerance", "PROBE_TOKENS", "PROBES", "UNCHECKED_PROBE", "WHOLE_MODEL_FRAMES", "WHOLE_MODEL_SIDE",
-           "WHOLE_MODEL_TEXT_TOKENS", "Probe", "ProbeSettings", "maker_of", "FELL_BACK", "NOT_CHECKED", "PASSED",
+           "tolerance", "UNCHECKED_PROBE", "Probe", "ProbeSettings", "maker_of", "FELL_BACK", "NOT_CHECKED", "PASSED",
            "UNCHECKED", "CheckResult", "add_listener", "fallbacks", "host_version", "mark", "new_round",
            "remove_listener", "results", "tagged"]

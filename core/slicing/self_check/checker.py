@@ -13,7 +13,7 @@ from torch import nn
 
 from ..settings import SliceSettings
 from .comparison import compare
-from .probes import _MISSING, PROBES, UNCHECKED_PROBE, Call, ProbeSettings, maker_of
+from .probes import _MISSING, UNCHECKED_PROBE, Call, ProbeSettings, maker_of
 from .results import (FELL_BACK, NOT_CHECKED, PASSED, UNCHECKED, CheckResult, _say_again, current_tag, host_version,
                       record)
 
@@ -73,7 +73,7 @@ class Checker:
     forward once the first probe has passed, the stock one once it has failed."""
 
     def __init__(self, module: nn.Module, key: str, sliced: Callable, make: Callable, settings: SliceSettings,
-                 base: str, tag: Optional[dict]):
+                 base: str, tag: Optional[dict], probes: dict):
         owner_path, _, attribute = key.rpartition(".")
         self.module, self.key, self.make, self.settings, self.tag = module, key, make, settings, tag
         self.owner = module.get_submodule(owner_path) if owner_path else module
@@ -82,7 +82,7 @@ class Checker:
         stock = getattr(type(self.owner), attribute, None)
         self.stock = stock.__get__(self.owner) if callable(stock) else None
         self.maker = maker_of(sliced)
-        self.probe = PROBES.get(self.maker, _MISSING)
+        self.probe = probes.get(self.maker, _MISSING)
         self.host = host_version(self.owner)
         self.leader: Optional[Checker] = None
         self.companions: list = []
@@ -145,8 +145,8 @@ class Checker:
                 _unchecked_logged.add(self.maker)
                 log.log(logging.WARNING if self.probe is _MISSING else logging.DEBUG,
                         "Streamline self-check: %s (%s) %s; its blocks run unchecked", self.maker,
-                        type(self.owner).__name__, "is missing from self_check.PROBES" if self.probe is _MISSING
-                        else "is marked unchecked in self_check.PROBES")
+                        type(self.owner).__name__, "has no probe in its family's row" if self.probe is _MISSING
+                        else "is marked unchecked in its family's row")
             return CheckResult(0, UNCHECKED, type(self.owner).__name__, self.path, self.attribute, self.host,
                                "no probe rule", self.tag)
         if _unreal(args, kwargs, self.owner):
@@ -244,12 +244,13 @@ class Checker:
                     return expected, None, error
 
 
-def checked(module: nn.Module, make: Callable, settings: SliceSettings, base: str = "") -> dict:
+def checked(module: nn.Module, make: Callable, settings: SliceSettings, base: str, probes: dict) -> dict:
     """`make(module, settings)` (a block table row's patches: attribute path from `module` ->
-    replacement), each replacement wrapped in a Checker; `base` is `module`'s path in the model."""
+    replacement), each replacement wrapped in a Checker with its probe from `probes` (the family
+    row's: maker of the sliced forward -> Probe); `base` is `module`'s path in the model."""
     patches = make(module, settings)
     tag = current_tag()
-    checkers = {key: Checker(module, key, value, make, settings, base, tag) for key, value in patches.items()}
+    checkers = {key: Checker(module, key, value, make, settings, base, tag, probes) for key, value in patches.items()}
     for leader in [c for c in checkers.values() if c.probe is not None and c.probe.group]:
         for checker in checkers.values():
             if checker is not leader:
