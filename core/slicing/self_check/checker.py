@@ -5,7 +5,6 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -15,7 +14,7 @@ from ..settings import SliceSettings
 from .comparison import compare
 from .probes import _MISSING, UNCHECKED_PROBE, Call, ProbeSettings, maker_of
 from .results import (FELL_BACK, NOT_CHECKED, PASSED, UNCHECKED, CheckResult, _say_again, current_tag, host_version,
-                      record)
+                      record, set_in_thread)
 
 log = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -45,14 +44,8 @@ def _dropout_active(module: nn.Module) -> bool:
     return any(m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
 
-@contextmanager
 def _probing(overrides: dict):
-    previous = getattr(_local, "overrides", None)
-    _local.overrides = overrides
-    try:
-        yield
-    finally:
-        _local.overrides = previous
+    return set_in_thread(_local, "overrides", overrides)
 
 
 def _unreal(args: tuple, kwargs: dict, module: nn.Module) -> bool:

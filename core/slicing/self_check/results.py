@@ -138,16 +138,20 @@ def _tell(result: CheckResult) -> None:
 
 
 @contextmanager
-def tagged(tag: Optional[dict]):
-    """Checkers made inside the with-block carry `tag` in their results (the nodes use it to name
-    the node that made the patches)."""
-    previous = getattr(_local, "tag", None)
-    _local.tag = tag
+def set_in_thread(local: threading.local, name: str, value):
+    """`local.<name>` is `value` inside the with-block, in this thread, and what it was after."""
+    previous = getattr(local, name, None)
+    setattr(local, name, value)
     try:
         yield
     finally:
-        _local.tag = previous
+        setattr(local, name, previous)
 
+
+def tagged(tag: Optional[dict]):
+    """Checkers made inside the with-block carry `tag` in their results (the nodes use it to name
+    the node that made the patches)."""
+    return set_in_thread(_local, "tag", tag)
 
 
 def current_tag() -> Optional[dict]:
